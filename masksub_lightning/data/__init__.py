@@ -1,0 +1,1 @@
+"""LightningDataModules for MaskSub training (filled in by the data package)."""
