@@ -1,0 +1,64 @@
+"""Pure tensor helpers for the masked sub-branch.
+
+Mask convention, used everywhere in this package: a boolean mask is ``True`` where the input is **masked**
+(removed, zeroed or replaced) and ``False`` where it is kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def num_masked_cells(num_cells: int, ratio: float) -> int:
+    """How many of ``num_cells`` grid cells a pixel / mask-token mask hides: ``ratio * num_cells`` rounded half up."""
+    return math.floor(num_cells * ratio + 0.5)
+
+
+def num_kept_tokens(num_tokens: int, ratio: float) -> int:
+    """How many of ``num_tokens`` patch tokens token dropping keeps: ``int(L * (1 - ratio))``, at least one.
+
+    This is the MAE / authors' rule and the one ``timm.layers.PatchDropout`` uses.
+    """
+    return max(1, int(num_tokens * (1.0 - ratio)))
+
+
+def random_grid_mask(batch_size: int, grid_hw: tuple[int, int], ratio: float, device=None) -> Tensor:
+    """Draw an independent random cell mask per sample.
+
+    Exactly ``num_masked_cells(H * W, ratio)`` cells are masked in each sample, chosen uniformly at random.
+
+    Returns:
+        Bool tensor (B, H, W), True = masked.
+    """
+    gh, gw = grid_hw
+    num_cells = gh * gw
+    num_masked = num_masked_cells(num_cells, ratio)
+    # A random permutation per sample: the cells ranked first num_masked are masked.
+    ranks = torch.rand(batch_size, num_cells, device=device).argsort(dim=1).argsort(dim=1)
+    return (ranks < num_masked).view(batch_size, gh, gw)
+
+
+def upsample_grid_mask(mask: Tensor, cell_size: int, out_hw: tuple[int, int]) -> Tensor:
+    """Expand a (B, gh, gw) cell mask to a (B, H, W) mask of ``cell_size``-sized cells, cropped to ``out_hw``."""
+    full = mask.repeat_interleave(cell_size, dim=1).repeat_interleave(cell_size, dim=2)
+    return full[:, : out_hw[0], : out_hw[1]]
+
+
+def grid_shape(hw: tuple[int, int], cell_size: int) -> tuple[int, int]:
+    """Cells needed to cover an (H, W) image with ``cell_size`` cells; a partial last row / column is a cell too."""
+    return math.ceil(hw[0] / cell_size), math.ceil(hw[1] / cell_size)
+
+
+def mask_pixels(images: Tensor, mask: Tensor) -> Tensor:
+    """Zero the masked pixels of (B, C, H, W) ``images`` given a (B, H, W) bool mask (True = masked)."""
+    keep = (~mask).unsqueeze(1).to(images.dtype)  # (B, 1, H, W)
+    return images * keep
+
+
+def replace_with_token(tokens: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
+    """Replace masked positions of NHWC ``tokens`` (B, H, W, C) by ``mask_token`` (C,); mask is (B, H, W)."""
+    m = mask.unsqueeze(-1).to(tokens.dtype)  # (B, H, W, 1)
+    return tokens * (1.0 - m) + mask_token.to(tokens.dtype) * m

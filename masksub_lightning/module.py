@@ -1,0 +1,328 @@
+"""MaskSubModule: MaskSub training for any timm classifier, as a LightningModule.
+
+One optimizer step on a batch (x, y), as in the paper (CVPR 2025, "Masking meets Supervision")::
+
+    main branch    o1 = f(x)                    L_main = criterion(o1, y)        backward(L_main / 2), no all-reduce
+    sub-branch     o2 = f(x | drop r)           L_sub  = criterion(o2, softmax(o1.detach()))   backward(L_sub / 2)
+    clip -> optimizer step -> zero grad -> LR schedule step
+
+The two backward passes accumulate the gradient of ``(L_main + L_sub) / 2``; the main graph is freed before the
+sub-branch runs (peak memory of a single branch), and under DDP only the second backward all-reduces.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+import timm
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from masksub_lightning.losses import MaskSubLoss
+from masksub_lightning.optim import (
+    build_optimizer,
+    build_scheduler,
+    check_optimizer_name,
+    check_scheduler_name,
+)
+from masksub_lightning.subbranch import SubBranch, build_sub_branch
+
+
+class MaskSubModule(L.LightningModule):
+    """Trains a classifier with MaskSub (or, with ``sub_branch="none"``, plain supervised training).
+
+    Args:
+        model: a timm model name (built with ``num_classes`` and ``model_kwargs``) or any ``nn.Module`` classifier
+            that maps images (B, 3, H, W) to logits (B, num_classes).
+        num_classes: number of classes; must match the model's head.
+        model_kwargs: extra ``timm.create_model`` arguments (img_size, drop_path_rate, init_values, ...).
+        pretrained_weights: a local weights file loaded into the model when fitting starts (see
+            ``masksub_lightning.pretrained``; the head is replaced when its size differs).
+        sub_branch: sub-branch kind by name (``mask``, ``token_mask``, ``pixel_mask``, ``mask_token``, ``dropout``,
+            ``droppath``, ``none``) or a ``SubBranch`` object.
+        sub_ratio: mask ratio / drop probability of the sub-branch, in [0, 1).
+        sub_branch_kwargs: extra options of the kind (``cell_size`` for the pixel / token-replacement masks).
+        loss: ``ce`` (cross-entropy, soft targets for mixup) or ``bce`` (DeiT-III / RSB binary cross-entropy).
+        label_smoothing: for ``ce`` with hard labels (with mixup, smoothing belongs to the data pipeline).
+        bce_target_threshold: BCE main targets are binarised with ``> threshold``; None keeps them soft.
+        optimizer: timm optimizer name (``adamw``, ``lamb``, ``sgd``, ...).
+        lr: peak learning rate; multiplied by ``global batch / lr_base_batch_size`` when that is set.
+        lr_base_batch_size: batch size ``lr`` refers to (256 for MAE, 512 for Swin); None: use ``lr`` as given.
+        weight_decay: weight decay (never applied to norms, biases, position embeddings and tokens).
+        layer_decay: layer-wise LR decay factor for fine-tuning; None for none.
+        optimizer_kwargs: extra optimizer arguments (``betas``, ``eps``, ``momentum``, ``fused``).
+        scheduler: ``cosine``, ``constant``, ``poly``, ``tanh`` or ``wsd``, stepped once per optimizer step.
+        warmup_epochs: linear warmup length in epochs (converted to optimizer steps).
+        warmup_lr: learning rate at the first step of warmup.
+        min_lr: learning rate at the end of the schedule.
+        grad_clip_norm: clip the gradient's global L2 norm to this value before each step; None for no clipping.
+        compile: ``torch.compile`` the network in place when the Trainer sets up.
+        channels_last: channels-last memory format for network and inputs (faster convolutions on GPUs).
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = "vit_small_patch16_224",
+        num_classes: int = 1000,
+        model_kwargs: dict[str, Any] | None = None,
+        pretrained_weights: str | None = None,
+        sub_branch: str | SubBranch = "mask",
+        sub_ratio: float = 0.5,
+        sub_branch_kwargs: dict[str, Any] | None = None,
+        loss: Literal["ce", "bce"] = "ce",
+        label_smoothing: float = 0.0,
+        bce_target_threshold: float | None = 0.0,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        lr_base_batch_size: int | None = None,
+        weight_decay: float = 0.05,
+        layer_decay: float | None = None,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        scheduler: str = "cosine",
+        warmup_epochs: float = 0.0,
+        warmup_lr: float = 1e-6,
+        min_lr: float = 1e-6,
+        grad_clip_norm: float | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        # Objects are not hyperparameters: a checkpoint must stay loadable with weights_only=True.
+        ignore = [
+            name for name, v in (("model", model), ("sub_branch", sub_branch)) if not isinstance(v, str)
+        ]
+        self.save_hyperparameters(ignore=ignore)
+        self.automatic_optimization = False  # two backward passes per optimizer step
+
+        _check_positive("num_classes", num_classes, integer=True)
+        _check_positive("lr", lr)
+        if lr_base_batch_size is not None:
+            _check_positive("lr_base_batch_size", lr_base_batch_size, integer=True)
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
+        if grad_clip_norm is not None:
+            _check_positive("grad_clip_norm", grad_clip_norm)
+        check_optimizer_name(optimizer)
+        check_scheduler_name(scheduler)
+
+        self.num_classes = num_classes
+        self.model = create_network(model, num_classes, model_kwargs or {})
+        self.criterion = MaskSubLoss(loss, label_smoothing, bce_target_threshold)
+        self.sub_branch = build_sub_branch(sub_branch, sub_ratio, **(sub_branch_kwargs or {}))
+        self.sub_branch.setup(self.model)
+
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1, validate_args=False)
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1)
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+        self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1)
+        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+        self._pretrained_loaded = pretrained_weights is None
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and not self._pretrained_loaded:
+            # Loaded here, not in __init__, so load_from_checkpoint never needs the original weights file.
+            from masksub_lightning.pretrained import load_pretrained
+
+            report = load_pretrained(self.model, self.hparams.pretrained_weights)
+            self.print(f"loaded pretrained weights from {self.hparams.pretrained_weights}: {report}")
+            self._pretrained_loaded = True
+
+    def configure_model(self) -> None:
+        if self.hparams.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.hparams.compile and not getattr(self.model, "_compiled_call_impl", None):
+            self.model.compile()  # in place: state-dict keys keep their names
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        if self.trainer.train_dataloader is None:
+            self.trainer.fit_loop.setup_data()  # batch size and epoch length are needed below
+        lr = hp.lr
+        if hp.lr_base_batch_size:
+            lr = lr * self._global_batch_size() / hp.lr_base_batch_size
+        optimizer = build_optimizer(
+            self.model, hp.optimizer, lr, hp.weight_decay, hp.layer_decay, **(hp.optimizer_kwargs or {})
+        )
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ValueError("the LR schedule needs a finite run: set Trainer max_epochs or max_steps")
+        steps_per_epoch = self.trainer.num_training_batches
+        if not math.isfinite(steps_per_epoch):
+            if hp.warmup_epochs:
+                raise ValueError("warmup_epochs needs a train loader with a length (not an endless iterable)")
+            steps_per_epoch = total_steps
+        warmup_steps = round(hp.warmup_epochs * max(1, int(steps_per_epoch)))
+        scheduler = build_scheduler(
+            optimizer, hp.scheduler, int(total_steps), warmup_steps, hp.warmup_lr, hp.min_lr
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _global_batch_size(self) -> int:
+        loader = self.trainer.train_dataloader
+        batch_size = getattr(loader, "batch_size", None) or getattr(loader.batch_sampler, "batch_size", None)
+        if batch_size is None:
+            raise ValueError("lr_base_batch_size needs a train DataLoader with a batch_size")
+        return int(batch_size) * self.trainer.world_size
+
+    # ---------------------------------------------------------------------------------------------- training
+    def forward(self, images: Tensor) -> Tensor:
+        """Main-branch logits (what validation, test and predict use)."""
+        return self.model(self._to_memory_format(images))
+
+    def sub_branch_forward(self, images: Tensor) -> Tensor:
+        """Sub-branch logits: the same network under the sub-branch's perturbation. Override to customise."""
+        return self.sub_branch.forward(self.model, images)
+
+    def compute_losses(
+        self, main_logits: Tensor, sub_logits: Tensor | None, target: Tensor
+    ) -> dict[str, Tensor]:
+        """Named loss parts; ``loss`` is what the optimizer minimises. Override to change the objective.
+
+        Called with ``sub_logits=None`` to get the main-branch loss before the sub-branch runs.
+        """
+        parts = {"loss_main": self.criterion.main(main_logits, target)}
+        if sub_logits is not None:
+            parts["loss_sub"] = self.criterion.sub(sub_logits, self.criterion.sub_target(main_logits))
+        return parts
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, target = batch
+        images = self._to_memory_format(images)
+        opt = self.optimizers()
+
+        if self.sub_branch.active:
+            # Main branch: its gradient stays local (no DDP all-reduce) and its graph is freed before the sub-branch.
+            with opt.toggle_model(sync_grad=False):
+                main_logits = self.model(images)
+                loss_main = self.compute_losses(main_logits, None, target)["loss_main"]
+                self.manual_backward(loss_main / 2)
+            main_logits = main_logits.detach()
+            sub_logits = self.sub_branch_forward(images)
+            loss_sub = self.compute_losses(main_logits, sub_logits, target)["loss_sub"]
+            self.manual_backward(loss_sub / 2)  # this backward all-reduces the accumulated gradient
+            loss = (loss_main.detach() + loss_sub.detach()) / 2
+        else:
+            main_logits = self.model(images)
+            loss_main = self.compute_losses(main_logits, None, target)["loss_main"]
+            self.manual_backward(loss_main)
+            loss, loss_sub, main_logits = loss_main.detach(), None, main_logits.detach()
+
+        grad_norm = self._clip_gradients(opt)
+        lr = opt.optimizer.param_groups[-1]["lr"]  # the LR this step applies (the schedule moves it below)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step_update(num_updates=self.global_step)
+
+        self._log_training(
+            images.shape[0], loss, loss_main.detach(), loss_sub, grad_norm, main_logits, target, lr
+        )
+        return loss
+
+    def _clip_gradients(self, opt: Any) -> Tensor | None:
+        max_norm = self.hparams.grad_clip_norm
+        if not max_norm:
+            return None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # 16-mixed: gradients are still scaled here
+            scaler.unscale_(opt.optimizer)
+        if isinstance(
+            self.trainer.strategy, FSDPStrategy
+        ):  # sharded parameters: FSDP computes the global norm
+            self.clip_gradients(opt, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            return None
+        # torch's clip directly: Lightning's clip_gradients refuses fused optimizers even under bf16 (no scaler).
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def _log_training(
+        self, batch_size, loss, loss_main, loss_sub, grad_norm, main_logits, target, lr
+    ) -> None:
+        # Tensors only: Lightning moves them to the host when it writes logs, not on every step.
+        values = {"train_loss": loss, "train_loss_main": loss_main}
+        if loss_sub is not None:
+            values["train_loss_sub"] = loss_sub.detach()
+        if grad_norm is not None:
+            values["train_grad_norm"] = grad_norm
+        self.log_dict(values, on_step=True, on_epoch=True, batch_size=batch_size)
+        hard_target = target.argmax(-1) if target.is_floating_point() else target
+        self.train_acc(main_logits, hard_target)
+        self.log("train_acc_main", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log("lr", lr, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc1, self.val_acc5)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc1, self.test_acc5)
+
+    def _evaluate(self, batch, stage: str, acc1: MulticlassAccuracy, acc5: MulticlassAccuracy) -> None:
+        images, target = batch
+        logits = self(images)  # main branch only: evaluation never uses the sub-branch
+        loss = self.criterion.main(logits, target)
+        acc1(logits, target)
+        acc5(logits, target)
+        batch_size = images.shape[0]
+        self.log(f"{stage}_loss", loss, on_epoch=True, sync_dist=True, batch_size=batch_size)
+        self.log(f"{stage}_acc1", acc1, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log(f"{stage}_acc5", acc5, on_epoch=True, batch_size=batch_size)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self(images).float().softmax(-1)
+        return {"probs": probs, "preds": probs.argmax(-1)}
+
+    def _to_memory_format(self, images: Tensor) -> Tensor:
+        if self.hparams.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def create_network(model: str | nn.Module, num_classes: int, model_kwargs: dict[str, Any]) -> nn.Module:
+    """Build a timm model by name, or check a given module; either way its head must have ``num_classes``."""
+    if isinstance(model, str):
+        if "num_classes" in model_kwargs and model_kwargs["num_classes"] != num_classes:
+            raise ValueError(
+                f"model_kwargs num_classes={model_kwargs['num_classes']} differs from num_classes={num_classes}"
+            )
+        if not timm.is_model(model):
+            close = timm.list_models(f"*{model.split('.')[0][:12]}*")[:8]
+            hint = f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()"
+            raise ValueError(f"unknown timm model {model!r}{hint}")
+        model = timm.create_model(model, **{**model_kwargs, "num_classes": num_classes})
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a timm model name or an nn.Module, got {type(model).__name__}")
+    elif model_kwargs:
+        raise ValueError("model_kwargs only apply when model is a timm model name")
+    head_size = _head_size(model)
+    if head_size is not None and head_size != num_classes:
+        raise ValueError(f"the model's head has {head_size} outputs but num_classes={num_classes}")
+    return model
+
+
+def _head_size(model: nn.Module) -> int | None:
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        if isinstance(head, nn.Linear):
+            return head.out_features
+        if isinstance(head, nn.Conv2d):
+            return head.out_channels
+    size = getattr(model, "num_classes", None)
+    return size if isinstance(size, int) else None
+
+
+def _check_positive(name: str, value: Any, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        raise ValueError(f"{name} must be a positive {'int' if integer else 'number'}, got {value!r}")

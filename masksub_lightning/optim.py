@@ -1,0 +1,91 @@
+"""Optimizer and learning-rate schedule of the recipes, built from timm's factories.
+
+* Optimizers by timm name (``adamw``, ``lamb``, ``sgd``, ... see ``timm.optim.list_optimizers()``), with weight decay
+  excluded for norms, biases and every 1-D parameter plus the model's ``no_weight_decay()`` set (position embeddings,
+  class / register tokens), and optional layer-wise LR decay (timm's ``layer_decay``).
+* Per-step schedules (warmup then cosine, ...) from ``timm.scheduler.create_scheduler_v2``, counted in optimizer
+  steps so warmup and decay do not depend on epoch boundaries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm.optim
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
+from torch import nn
+from torch.optim import Optimizer
+
+#: Schedules that decay per step; "constant" is warmup then a flat LR (layer-decay scales still applied).
+SCHEDULERS = ("cosine", "constant", "poly", "tanh", "wsd")
+
+
+def check_optimizer_name(name: str) -> None:
+    """Raise a ValueError naming ``name`` and the allowed names if timm has no such optimizer."""
+    known = timm.optim.list_optimizers()
+    if name.lower() not in known:
+        raise ValueError(f"unknown optimizer {name!r}; timm knows: {', '.join(sorted(known))}")
+
+
+def check_scheduler_name(name: str) -> None:
+    """Raise a ValueError naming ``name`` and the allowed names if it is not a supported schedule."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}")
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str = "adamw",
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    layer_decay: float | None = None,
+    **kwargs: Any,
+) -> Optimizer:
+    """An optimizer over ``model``'s parameters with the recipes' weight-decay exclusions and layer decay.
+
+    Args:
+        model: the network (its ``no_weight_decay()`` and ``group_matcher()`` are used when present).
+        name: timm optimizer name.
+        lr: peak learning rate (already scaled by batch size, if the recipe scales it).
+        weight_decay: decay applied to weight matrices / kernels only.
+        layer_decay: layer-wise LR decay factor (e.g. 0.65 for MAE ViT-B fine-tuning), None for none.
+        **kwargs: passed to the optimizer (betas, eps, momentum, fused, ...).
+    """
+    check_optimizer_name(name)
+    return timm.optim.create_optimizer_v2(
+        model,
+        opt=name,
+        lr=lr,
+        weight_decay=weight_decay,
+        layer_decay=layer_decay,
+        filter_bias_and_bn=True,
+        **kwargs,
+    )
+
+
+def build_scheduler(
+    optimizer: Optimizer,
+    name: str,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_lr: float = 1e-6,
+    min_lr: float = 1e-6,
+) -> Scheduler:
+    """A timm schedule over ``total_steps`` optimizer steps; call ``step_update(num_updates=step)`` after each."""
+    check_scheduler_name(name)
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    # timm counts in "epochs" x updates_per_epoch: one "epoch" per step keeps every quantity in optimizer steps.
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=name,
+        num_epochs=total_steps,
+        warmup_epochs=min(warmup_steps, total_steps),
+        warmup_lr=warmup_lr,
+        min_lr=min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=1,
+    )
+    assert scheduler is not None
+    return scheduler
