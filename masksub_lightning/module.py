@@ -110,6 +110,8 @@ class MaskSubModule(L.LightningModule):
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
         if grad_clip_norm is not None:
             _check_positive("grad_clip_norm", grad_clip_norm)
+        if isinstance(sub_ratio, bool) or not isinstance(sub_ratio, (int, float)) or not 0.0 <= sub_ratio < 1.0:
+            raise ValueError(f"sub_ratio must be in [0, 1), got {sub_ratio!r}")
         check_optimizer_name(optimizer)
         check_scheduler_name(scheduler)
 
@@ -119,11 +121,11 @@ class MaskSubModule(L.LightningModule):
         self.sub_branch = build_sub_branch(sub_branch, sub_ratio, **(sub_branch_kwargs or {}))
         self.sub_branch.setup(self.model)
 
-        self.train_acc = MulticlassAccuracy(num_classes, top_k=1, validate_args=False)
-        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
-        self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self._pretrained_loaded = pretrained_weights is None
 
     # ------------------------------------------------------------------------------------------------ set-up

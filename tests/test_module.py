@@ -312,7 +312,7 @@ def test_checkpoint_loads_and_training_resumes_with_optimizer_and_schedule(tmp_p
 def test_bad_arguments_are_rejected_when_the_module_is_built():
     with pytest.raises(ValueError, match=r"unknown sub-branch 'mask50'.*known kinds"):
         vit_module(sub_branch="mask50")
-    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"sub_ratio must be in \[0, 1\), got 1.5"):
         vit_module(sub_ratio=1.5)
     with pytest.raises(ValueError, match=r"'dropout' cannot handle ResNet.*mask, .*droppath"):
         resnet_module(sub_branch="dropout", sub_ratio=0.2)
