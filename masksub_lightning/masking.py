@@ -43,7 +43,13 @@ def random_grid_mask(batch_size: int, grid_hw: tuple[int, int], ratio: float, de
 
 def upsample_grid_mask(mask: Tensor, cell_size: int, out_hw: tuple[int, int]) -> Tensor:
     """Expand a (B, gh, gw) cell mask to a (B, H, W) mask of ``cell_size``-sized cells, cropped to ``out_hw``."""
-    full = mask.repeat_interleave(cell_size, dim=1).repeat_interleave(cell_size, dim=2)
+    b, gh, gw = mask.shape
+    # expand + reshape: no data-dependent sizes, so no host synchronisation on GPUs and compile-friendly.
+    full = (
+        mask[:, :, None, :, None]
+        .expand(b, gh, cell_size, gw, cell_size)
+        .reshape(b, gh * cell_size, gw * cell_size)
+    )
     return full[:, : out_hw[0], : out_hw[1]]
 
 

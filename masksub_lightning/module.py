@@ -110,7 +110,11 @@ class MaskSubModule(L.LightningModule):
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
         if grad_clip_norm is not None:
             _check_positive("grad_clip_norm", grad_clip_norm)
-        if isinstance(sub_ratio, bool) or not isinstance(sub_ratio, (int, float)) or not 0.0 <= sub_ratio < 1.0:
+        if (
+            isinstance(sub_ratio, bool)
+            or not isinstance(sub_ratio, (int, float))
+            or not 0.0 <= sub_ratio < 1.0
+        ):
             raise ValueError(f"sub_ratio must be in [0, 1), got {sub_ratio!r}")
         check_optimizer_name(optimizer)
         check_scheduler_name(scheduler)

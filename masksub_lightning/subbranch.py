@@ -73,8 +73,12 @@ class SubBranch:
         if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
             raise ValueError(f"sub-branch ratio must be in [0, 1), got {ratio!r}")
         self.ratio = float(ratio)
-        #: (B, H, W) bool pixel mask of the last sub-branch input (True = masked), for mask kinds; else None.
-        self.last_mask: Tensor | None = None
+        self._last_mask: Tensor | None = None
+
+    @property
+    def last_mask(self) -> Tensor | None:
+        """(B, H, W) bool pixel mask of the last sub-branch input (True = masked) for mask kinds, else None."""
+        return self._last_mask
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio})"
@@ -159,8 +163,8 @@ class PixelMask(SubBranch):
         cells = masking.random_grid_mask(
             images.shape[0], masking.grid_shape(hw, self.cell_size), self.ratio, images.device
         )
-        self.last_mask = masking.upsample_grid_mask(cells, self.cell_size, hw)  # (B, H, W)
-        yield masking.mask_pixels(images, self.last_mask)
+        self._last_mask = masking.upsample_grid_mask(cells, self.cell_size, hw)  # (B, H, W)
+        yield masking.mask_pixels(images, self._last_mask)
 
 
 # -------------------------------------------------------------------------------------------------- token mask
@@ -199,6 +203,7 @@ class TokenMask(SubBranch):
     def __init__(self, ratio: float = 0.5) -> None:
         super().__init__(ratio)
         self.last_keep_indices: Tensor | None = None
+        self._last_geometry: tuple[tuple[int, int], int, tuple[int, int]] | None = None
 
     def unsupported_reason(self, model: nn.Module) -> str | None:
         if not _is_token_model(model):
@@ -218,18 +223,19 @@ class TokenMask(SubBranch):
         finally:
             model.patch_drop = original
             self.last_keep_indices = dropper.keep_indices
-            self.last_mask = self._pixel_mask(model, images, dropper.keep_indices)
+            embed = model.patch_embed
+            self._last_geometry = (tuple(embed.grid_size), embed.patch_size[0], tuple(images.shape[-2:]))
 
-    @staticmethod
-    def _pixel_mask(model: nn.Module, images: Tensor, keep: Tensor | None) -> Tensor | None:
-        """Pixel view of the dropped tokens, (B, H, W) with True = dropped (for visualisation)."""
-        if keep is None:
+    @property
+    def last_mask(self) -> Tensor | None:
+        """Pixel view of the dropped tokens, (B, H, W) with True = dropped; built on demand (visualisation)."""
+        keep = self.last_keep_indices
+        if keep is None or self._last_geometry is None:
             return None
-        grid_h, grid_w = model.patch_embed.grid_size
+        (grid_h, grid_w), patch, image_hw = self._last_geometry
         token_mask = torch.ones(keep.shape[0], grid_h * grid_w, dtype=torch.bool, device=keep.device)
         token_mask.scatter_(1, keep, False)
-        patch = model.patch_embed.patch_size[0]
-        return masking.upsample_grid_mask(token_mask.view(-1, grid_h, grid_w), patch, images.shape[-2:])
+        return masking.upsample_grid_mask(token_mask.view(-1, grid_h, grid_w), patch, image_hw)
 
 
 @register_sub_branch("mask")
@@ -261,11 +267,12 @@ class Mask(SubBranch):
         if self._impl is None:
             self.setup(model)
         assert self._impl is not None
-        try:
-            with self._impl.perturbed(model, images) as sub_images:
-                yield sub_images
-        finally:
-            self.last_mask = self._impl.last_mask
+        with self._impl.perturbed(model, images) as sub_images:
+            yield sub_images
+
+    @property
+    def last_mask(self) -> Tensor | None:
+        return self._impl.last_mask if self._impl is not None else None
 
 
 # ------------------------------------------------------------------------------------------------- mask token
@@ -331,8 +338,16 @@ class MaskToken(SubBranch):
         try:
             yield images
         finally:
-            self.last_mask = masking.upsample_grid_mask(self._active_mask, stride, images.shape[-2:])
+            self._last_tokens = (self._active_mask, stride, tuple(images.shape[-2:]))
             self._active_mask = None
+
+    @property
+    def last_mask(self) -> Tensor | None:
+        """Pixel view of the replaced tokens, (B, H, W) with True = replaced; built on demand."""
+        if getattr(self, "_last_tokens", None) is None:
+            return None
+        token_mask, stride, image_hw = self._last_tokens
+        return masking.upsample_grid_mask(token_mask, stride, image_hw)
 
 
 # ------------------------------------------------------------------------------------------ dropout / droppath

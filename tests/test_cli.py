@@ -15,7 +15,12 @@ from masksub_lightning.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-FAST = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1"]
+FAST = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.log_every_n_steps=1",
+]
 
 
 def test_configs_exist():
@@ -51,7 +56,9 @@ def test_fit_then_validate_the_saved_checkpoint(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "final val_acc1=" in out
     run_dir = tmp_path / "runs" / "quickstart" / "version_0"
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # resolved config next to logs + checkpoints
+    saved = yaml.safe_load(
+        (run_dir / "config.yaml").read_text()
+    )  # resolved config next to logs + checkpoints
     assert saved["model"]["init_args"]["sub_branch"] == "mask" and saved["trainer"]["max_epochs"] == 1
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train_loss_main_step", "train_loss_sub_step", "val_acc1", "lr"} <= set(header)
@@ -59,8 +66,17 @@ def test_fit_then_validate_the_saved_checkpoint(tmp_path, monkeypatch, capsys):
     hparams = torch.load(last, weights_only=True)["hyper_parameters"]
     assert hparams["num_classes"] == 10  # linked from data.num_classes
 
-    main(["validate", "--config", str(QUICKSTART), "--ckpt_path", str(last), "--trainer.limit_val_batches=2",
-          "--trainer.enable_progress_bar=false"])
+    main(
+        [
+            "validate",
+            "--config",
+            str(QUICKSTART),
+            "--ckpt_path",
+            str(last),
+            "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     out = capsys.readouterr().out
     assert "val_acc1" in out
 
@@ -93,11 +109,15 @@ def test_console_script_exit_codes(tmp_path):
     """The installed `masksub` entry point: 0 on success, non-zero with a one-line message on a bad value."""
     exe = Path(sys.executable).with_name("masksub")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "masksub_lightning.cli"]
-    ok = subprocess.run([*cmd, "fit", "--config", str(QUICKSTART), "--print_config"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [*cmd, "fit", "--config", str(QUICKSTART), "--print_config"], capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run(
         [*cmd, "fit", "--config", str(QUICKSTART), "--model.init_args.sub_ratio=1.5"],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert bad.returncode == 2
     assert "masksub: error: sub_ratio must be in [0, 1), got 1.5" in bad.stderr
