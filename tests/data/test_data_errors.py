@@ -1,0 +1,187 @@
+"""Bad input fails early with a message that names the value, file or path and what was expected."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fake_data import SMALL, write_cifar10, write_cub200, write_image, write_image_folder, write_inat_json
+from torch.utils.data import DataLoader
+
+from masksub_lightning.data import (
+    CIFAR10DataModule,
+    CorruptImageError,
+    CUB200DataModule,
+    DigitsDataModule,
+    Flowers102DataModule,
+    ImageFolderDataModule,
+    ImageNetDataModule,
+    INaturalistDataModule,
+    StanfordCarsDataModule,
+)
+
+# ------------------------------------------------------------------------------------------ missing paths
+
+
+def test_missing_root_names_path_and_layout(tmp_path):
+    dm = ImageNetDataModule(root=str(tmp_path / "nowhere"))  # constructing is fine (no I/O in __init__)
+    with pytest.raises(FileNotFoundError) as err:
+        _ = dm.num_classes
+    msg = str(err.value)
+    assert str(tmp_path / "nowhere") in msg and "<root>/train/n01440764/" in msg and "<root>/val/" in msg
+
+
+def test_missing_val_split_names_it(tmp_path):
+    write_image_folder(tmp_path)
+    (tmp_path / "val").rename(tmp_path / "validation")
+    dm = ImageFolderDataModule(root=str(tmp_path), **SMALL)
+    assert dm.num_classes == 3  # train is there
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "val"))):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("cls", [Flowers102DataModule, StanfordCarsDataModule, CIFAR10DataModule])
+def test_missing_dataset_folder(cls, tmp_path):
+    with pytest.raises(FileNotFoundError, match="Expected layout"):
+        cls(root=str(tmp_path)).setup("fit")
+
+
+def test_missing_annotation_file_is_named(tmp_path):
+    write_inat_json(tmp_path, "2018")
+    (tmp_path / "train2018.json").unlink()
+    dm = INaturalistDataModule(root=str(tmp_path), version="2018", **SMALL)
+    assert dm.num_classes == 5  # class metadata comes from val2018.json
+    with pytest.raises(FileNotFoundError, match=r"train2018\.json"):
+        dm.setup("fit")
+
+
+def test_missing_image_listed_in_annotations_is_named(tmp_path):
+    write_cub200(tmp_path)
+    victim = next((tmp_path / "CUB_200_2011" / "images").rglob("Bird_1.jpg"))
+    victim.unlink()
+    dm = CUB200DataModule(root=str(tmp_path), **SMALL)
+    dm.setup("fit")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(victim))):
+        [dm.datasets["train"][i] for i in range(len(dm.datasets["train"]))]
+
+
+# ------------------------------------------------------------------------------------------- bad content
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    write_image_folder(tmp_path)
+    (tmp_path / "train" / "fox").mkdir()
+    dm = ImageFolderDataModule(root=str(tmp_path), **SMALL)
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"{tmp_path / 'train' / 'fox'} contains no images")
+    ):
+        dm.setup("fit")
+
+
+def test_val_class_unknown_to_train_is_named(tmp_path):
+    write_image_folder(tmp_path)
+    write_image(tmp_path / "val" / "cta" / "x.jpg", 0)
+    with pytest.raises(ValueError, match="cta"):
+        ImageFolderDataModule(root=str(tmp_path), **SMALL).setup("validate")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_image_is_named(tmp_path, damage):
+    write_image_folder(tmp_path)
+    bad = tmp_path / "train" / "dog" / "dog_0.jpg"
+    data = bad.read_bytes()
+    bad.write_bytes(
+        {"truncated": data[: len(data) // 2], "garbage": b"not an image" * 50, "empty": b""}[damage]
+    )
+    dm = ImageFolderDataModule(root=str(tmp_path), **SMALL)
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    index = [p for p, _ in dataset.samples].index(str(bad))
+    with pytest.raises(CorruptImageError, match=re.escape(str(bad))):
+        dataset[index]
+    with pytest.raises(CorruptImageError, match=re.escape(str(bad))):  # and through a loader
+        for _ in DataLoader(dataset, batch_size=6):
+            pass
+
+
+def test_label_out_of_range_is_named(tmp_path):
+    expected = write_cub200(tmp_path, bad_label=True)  # class id 201 of 200
+    dm = CUB200DataModule(root=str(tmp_path), **SMALL)
+    assert dm.num_classes == 200
+    with pytest.raises(ValueError, match=re.escape(f"{expected['bad_file']}: label 200 is outside [0, 200)")):
+        dm.setup("fit")
+
+
+def test_cifar_label_out_of_range_and_corrupt_pickle(tmp_path):
+    import pickle
+
+    write_cifar10(tmp_path)
+    base = tmp_path / "cifar-10-batches-py"
+    batch = pickle.loads((base / "test_batch").read_bytes(), encoding="latin1")
+    batch["labels"][1] = 10
+    (base / "test_batch").write_bytes(pickle.dumps(batch))
+    with pytest.raises(ValueError, match=r"image 1 of .*test_batch.*label 10 is outside \[0, 10\)"):
+        CIFAR10DataModule(root=str(tmp_path), **SMALL).setup("validate")
+    (base / "data_batch_3").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="data_batch_3"):
+        CIFAR10DataModule(root=str(tmp_path), **SMALL).setup("fit")
+
+
+def test_class_list_naming_absent_class(tmp_path):
+    write_image_folder(tmp_path)
+    (tmp_path / "classes.txt").write_text("cat\nwolf\n")
+    dm = ImageNetDataModule(root=str(tmp_path), class_list="classes.txt", **SMALL)
+    assert dm.class_names == ["cat", "wolf"]
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "train" / "wolf"))):
+        dm.setup("fit")
+
+
+def test_too_small_train_split_for_batch_size(tmp_path):
+    write_image_folder(tmp_path, n_train=1)
+    dm = ImageFolderDataModule(root=str(tmp_path), **{**SMALL, "batch_size": 4})
+    with pytest.raises(ValueError, match=r"3 images.*batch_size=4"):
+        dm.train_dataloader()
+
+
+# ---------------------------------------------------------------------------------------- invalid arguments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        (dict(batch_size=-1), r"batch_size=-1 .*integer >= 1"),
+        (dict(batch_size=0), r"batch_size=0"),
+        (dict(num_workers=-2), r"num_workers=-2 .*>= 0"),
+        (dict(train_crop="center"), r"train_crop='center' .*rrc, simple"),
+        (dict(interpolation="cubic"), r"interpolation='cubic' .*bicubic"),
+        (dict(mixup_mode="row"), r"mixup_mode='row' .*batch, pair, elem"),
+        (dict(scale=(0.5, 0.1)), r"scale=\(0.5, 0.1\)"),
+        (dict(hflip=1.5), r"hflip=1.5 .*\[0, 1\]"),
+        (dict(reprob=-0.1), r"reprob"),
+        (dict(eval_crop_pct=1.2), r"eval_crop_pct=1.2 .*\(0, 1\]"),
+        (dict(label_smoothing=1.0), r"label_smoothing=1.0"),
+        (dict(mixup_alpha=-1.0), r"mixup_alpha"),
+        (dict(batch_size=5, mixup_alpha=0.8), r"batch_size=5 .*even"),
+        (dict(repeated_aug=0), r"repeated_aug=0"),
+        (dict(auto_augment="bogus"), r"auto_augment='bogus' .*'3a'"),
+        (dict(norm_from_model="no_such_model"), r"norm_from_model='no_such_model'"),
+        (dict(norm_from_model="resnet50", mean=(0.5, 0.5, 0.5)), r"norm_from_model='resnet50' and mean"),
+        (dict(mean=(0.5, 0.5)), r"mean / std"),
+        (dict(std=(0.5, 0.0, 0.5)), r"mean / std"),
+    ],
+)
+def test_invalid_arguments_raise_value_error_in_init(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ImageNetDataModule(root="/does/not/matter", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "pattern"),
+    [
+        (DigitsDataModule, dict(val_fraction=1.0), r"val_fraction=1.0"),
+        (INaturalistDataModule, dict(root="x", version="2020"), r"version='2020' .*2018, 2019"),
+    ],
+)
+def test_invalid_subclass_arguments(cls, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        cls(**kwargs)
