@@ -13,9 +13,11 @@ sub-branch runs (peak memory of a single branch), and under DDP only the second 
 from __future__ import annotations
 
 import math
+import random
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import timm
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -178,6 +180,15 @@ class MaskSubModule(L.LightningModule):
         if batch_size is None:
             raise ValueError("lr_base_batch_size needs a train DataLoader with a batch_size")
         return int(batch_size) * self.trainer.world_size
+
+    def on_train_start(self) -> None:
+        # Lightning seeds every rank alike; masks and mixup draws must differ across ranks (timm and DeiT seed
+        # by rank too). Parameters are unaffected: DDP broadcast them from rank 0 already.
+        if self.trainer.world_size > 1:
+            seed = (torch.initial_seed() + self.global_rank) % 2**32
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
 
     # ---------------------------------------------------------------------------------------------- training
     def forward(self, images: Tensor) -> Tensor:

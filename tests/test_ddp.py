@@ -62,6 +62,10 @@ class SaveGradsAndCounts(L.Callback):
         if trainer.world_size > 1:
             trainer.strategy.model.register_comm_hook(state=None, hook=counting_allreduce_hook)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:  # what the first mask / mixup draw of this rank would see
+            (self.out / f"draw_rank{trainer.global_rank}.json").write_text(json.dumps(torch.rand(4).tolist()))
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()})
 
@@ -110,6 +114,8 @@ def test_two_process_ddp_matches_one_process_with_one_allreduce_per_step(tmp_pat
 
     for rank in (0, 1):
         assert json.loads((ddp_dir / f"allreduce_rank{rank}.json").read_text())["n"] == STEPS
+    draws = [json.loads((ddp_dir / f"draw_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert draws[0] != draws[1], "both ranks would draw the same masks"
     reference = torch.load(single_dir / "grads_rank0.pt", weights_only=True)
     assert len(reference) == STEPS
     for rank in (0, 1):
