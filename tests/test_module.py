@@ -337,3 +337,55 @@ def test_any_nn_module_works():
     trainer = quiet_trainer(max_steps=2, num_sanity_val_steps=0)
     trainer.fit(module, make_loader(n=16, batch_size=8))
     assert trainer.global_step == 2
+
+
+# ---------------------------------------------------------------------------------------------- optimizer, metrics
+def test_weight_decay_excludes_norms_biases_position_embeddings_and_tokens():
+    from masksub_lightning.optim import build_optimizer
+
+    module = vit_module()
+
+    opt = build_optimizer(module.model, "adamw", 1e-3, 0.05, layer_decay=0.5)
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    decay_of = {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    scale_of = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert set(decay_of) == set(names.values())  # every parameter is optimised exactly once
+    for name, wd in decay_of.items():
+        no_decay = name.endswith(".bias") or "norm" in name or name in ("pos_embed", "cls_token")
+        assert wd == (0.0 if no_decay else 0.05), name
+    # layer decay: the head learns at the full LR, earlier blocks progressively slower
+    assert scale_of["head.weight"] == 1.0
+    assert scale_of["blocks.1.mlp.fc1.weight"] == 0.5 and scale_of["blocks.0.mlp.fc1.weight"] == 0.25
+    assert scale_of["patch_embed.proj.weight"] == scale_of["pos_embed"] == 0.125
+
+
+def test_validation_top1_is_plain_accuracy():
+    module = vit_module()
+    loader = make_loader(n=48, batch_size=16, num_classes=4)
+    (metrics,) = quiet_trainer().validate(module, loader)
+    module.eval()
+    with torch.no_grad():
+        correct = sum((module.model(x).argmax(-1) == y).sum().item() for x, y in loader)
+    assert metrics["val_acc1"] == pytest.approx(correct / 48)  # micro average over samples, not per class
+
+
+def test_custom_kind_trains_through_the_module():
+    import contextlib
+
+    from masksub_lightning import SUB_BRANCHES, SubBranch, register_sub_branch
+
+    @register_sub_branch("test_noise")
+    class Noise(SubBranch):
+        @contextlib.contextmanager
+        def perturbed(self, model, images):
+            yield images + self.ratio * torch.randn_like(images)
+
+    try:
+        module = vit_module(sub_branch="test_noise", sub_ratio=0.3)
+        trainer = quiet_trainer(max_steps=2, num_sanity_val_steps=0)
+        trainer.fit(module, make_loader(n=16, batch_size=8))
+        assert isinstance(module.sub_branch, Noise) and torch.isfinite(
+            trainer.callback_metrics["train_loss_sub"]
+        )
+    finally:
+        SUB_BRANCHES.pop("test_noise")
