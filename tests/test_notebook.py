@@ -1,0 +1,149 @@
+"""The quickstart notebook: it runs end to end, shows real results, and matches its source script.
+
+``notebooks/quickstart.py`` (jupytext "percent" format: ``# %%`` code cells, ``# %% [markdown]`` cells of
+``# ``-prefixed lines) is the reviewable source; ``notebooks/quickstart.ipynb`` is generated from it, with outputs
+cleared. After editing the script, regenerate the notebook with::
+
+    python tests/test_notebook.py
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "notebooks" / "quickstart.py"
+NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
+EPOCHS_VAR = "MASKSUB_NOTEBOOK_EPOCHS"
+
+_CELL_MARKER = re.compile(r"^# %%(?P<title>[^\[]*)(?:\[(?P<kind>\w+)\])?\s*$")
+_KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+
+
+def build_notebook(source: str) -> nbformat.NotebookNode:
+    """A notebook (outputs cleared) from a percent-format script: one cell per ``# %%`` marker.
+
+    Lines before the first marker (the jupytext ``# ---`` header) are not part of the notebook. Markdown cell
+    lines lose their leading ``# `` (or ``#``); leading and trailing blank lines of every cell are dropped.
+    """
+    cells: list[tuple[str, list[str]]] = []
+    for line in source.splitlines():
+        marker = _CELL_MARKER.match(line)
+        if marker:
+            kind = marker.group("kind") or "code"
+            if kind not in ("code", "markdown", "md"):
+                raise ValueError(f"unsupported cell kind {kind!r} in {line!r}")
+            cells.append(("markdown" if kind in ("markdown", "md") else "code", []))
+        elif cells:
+            cells[-1][1].append(line)
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = dict(_KERNELSPEC)
+    nb.metadata["language_info"] = {"name": "python"}
+    for kind, lines in cells:
+        if kind == "markdown":
+            bad = [x for x in lines if x and not x.startswith("#")]
+            if bad:
+                raise ValueError(f"markdown cell line without a leading '#': {bad[0]!r}")
+            lines = [x[2:] if x.startswith("# ") else x[1:] for x in lines]
+        text = "\n".join(lines).strip("\n")
+        if not text.strip():
+            continue
+        new_cell = nbformat.v4.new_markdown_cell if kind == "markdown" else nbformat.v4.new_code_cell
+        cell = new_cell(text)
+        cell.pop("id", None)  # ids are random; leave them out so regenerating gives the same file
+        nb.cells.append(cell)
+    nb.nbformat, nb.nbformat_minor = 4, 4  # the last minor version without mandatory cell ids
+    return nb
+
+
+def write_notebook(path: Path = NOTEBOOK) -> None:
+    nb = build_notebook(SOURCE.read_text())
+    nbformat.validate(nb)
+    path.write_text(nbformat.writes(nb) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- static checks
+def test_notebook_matches_its_source_script():
+    on_disk = nbformat.read(NOTEBOOK, as_version=4)
+    expected = build_notebook(SOURCE.read_text())
+    got = [(c.cell_type, c.source) for c in on_disk.cells]
+    want = [(c.cell_type, c.source) for c in expected.cells]
+    assert got == want, (
+        f"{NOTEBOOK.name} is out of sync with {SOURCE.name}: run `python tests/test_notebook.py` to regenerate it"
+    )
+    assert on_disk.metadata.kernelspec.name == "python3"
+
+
+def test_notebook_is_committed_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, "clear the notebook's outputs"
+
+
+def test_epochs_can_be_overridden_from_the_environment():
+    # The run below relies on this line to keep the test short.
+    assert re.search(
+        rf'^EPOCHS = int\(os\.environ\.get\("{EPOCHS_VAR}", "\d+"\)\)$', SOURCE.read_text(), re.M
+    )
+
+
+# ------------------------------------------------------------------------------------------------ execution
+def _text_outputs(nb: nbformat.NotebookNode) -> str:
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream" and out.name == "stdout":
+                parts.append(out.text)
+            elif out.output_type in ("execute_result", "display_data") and "text/plain" in out.data:
+                parts.append(out.data["text/plain"])
+    return "\n".join(parts)
+
+
+def test_notebook_runs_and_reports_both_runs(tmp_path, monkeypatch):
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    monkeypatch.setenv(EPOCHS_VAR, "1")
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()  # raises CellExecutionError if any cell fails
+
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    text = _text_outputs(nb)
+    assert "EPOCHS=1," in text, "the environment variable did not reach the notebook"
+
+    finals = dict(re.findall(r"^final val_acc1 (\w+)=(\S+)$", text, re.M))
+    assert set(finals) == {"masksub", "baseline"}, text
+    for name, value in finals.items():
+        assert 0.0 <= float(value) <= 1.0, f"{name}: {value}"
+        # Also reported per run, from the same logged metric.
+        assert re.search(
+            rf"sub_branch='{'mask' if name == 'masksub' else 'none'}'.*val_acc1={value}$", text, re.M
+        )
+    # Even one epoch learns something on the digits (chance is 0.10).
+    assert max(float(v) for v in finals.values()) > 0.15
+
+    # The masks shown are the ones the sub-branches applied, at the configured ratio.
+    fractions = re.findall(r"masked fraction (\d\.\d+)", text)
+    assert [float(f) for f in fractions] == [0.5, 0.5], text
+
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2, "expected the curves figure and the mask grid"
+    assert all(len(o.data["image/png"]) > 1000 for o in images)
+
+
+if __name__ == "__main__":
+    write_notebook()
+    print(f"wrote {NOTEBOOK.relative_to(ROOT)} from {SOURCE.relative_to(ROOT)}", file=sys.stderr)
