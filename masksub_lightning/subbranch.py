@@ -131,6 +131,11 @@ class NoSubBranch(SubBranch):
 
     active = False
 
+    def __init__(self, ratio: float = 0.5, **ignored: Any) -> None:
+        # Options of other kinds (cell_size, ...) are accepted and ignored, so that a baseline twin of a recipe can
+        # switch `sub_branch` to "none" without also deleting the sub-branch's options.
+        super().__init__(ratio)
+
     def forward(self, model: nn.Module, images: Tensor) -> Tensor:
         raise RuntimeError("the 'none' sub-branch has no forward pass")
 

@@ -13,7 +13,8 @@ import yaml
 from masksub_lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# The paper recipes under configs/<family>/ are parsed and stepped by tests/test_recipes.py.
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 FAST = [
     "--trainer.max_epochs=1",
