@@ -98,7 +98,7 @@ def train(sub_branch):
         scheduler="cosine",
         warmup_epochs=min(2, EPOCHS),
     )
-    data = DigitsDataModule(batch_size=64, img_size=32, seed=SEED)
+    data = DigitsDataModule(batch_size=64, img_size=32, train_augment=False, seed=SEED)  # as configs/quickstart.yaml
     with tempfile.TemporaryDirectory() as log_dir:
         logger = CSVLogger(log_dir, name=sub_branch)
         trainer = L.Trainer(
