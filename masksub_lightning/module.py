@@ -272,9 +272,10 @@ class MaskSubModule(L.LightningModule):
             values["train_grad_norm"] = grad_norm
         self.log_dict(values, on_step=True, on_epoch=True, batch_size=batch_size)
         hard_target = target.argmax(-1) if target.is_floating_point() else target
-        self.train_acc(main_logits, hard_target)
+        self.train_acc.update(main_logits, hard_target)  # update only: the per-batch value is never needed
         self.log("train_acc_main", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
-        self.log("lr", lr, on_step=True, on_epoch=False, batch_size=batch_size)
+        # A CPU tensor: a Python float would be copied to the GPU, and that copy waits for the whole step.
+        self.log("lr", torch.tensor(lr), on_step=True, on_epoch=False, batch_size=batch_size)
 
     # ------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
