@@ -71,6 +71,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         remode: random erasing fill mode.
         eval_crop_pct: eval center-crop ratio (resize to ``img_size / eval_crop_pct``, then crop).
         interpolation: resize interpolation for train and eval.
+        train_interpolation: training-only interpolation overriding ``interpolation`` ("random": timm's random
+            bilinear / bicubic, as the RSB recipe uses); None: same as ``interpolation``.
         mean: normalisation mean; None = ImageNet's (or the model's, with ``norm_from_model``).
         std: normalisation std; None = ImageNet's (or the model's, with ``norm_from_model``).
         norm_from_model: a timm model name (e.g. "vit_base_patch16_clip_224.openai") whose pretrained
@@ -112,6 +114,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         remode: Literal["const", "rand", "pixel"] = "pixel",
         eval_crop_pct: float = 0.875,
         interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bicubic",
+        train_interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "random"] | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         norm_from_model: str | None = None,
@@ -142,6 +145,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.remode = remode
         self.eval_crop_pct = eval_crop_pct
         self.interpolation = interpolation
+        self.train_interpolation = train_interpolation
         self.norm_from_model = norm_from_model
         self.mixup_alpha = mixup_alpha
         self.cutmix_alpha = cutmix_alpha
@@ -196,6 +200,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
             _fail("train_crop", self.train_crop, f"allowed: {', '.join(_TRAIN_CROPS)}")
         if self.interpolation not in _INTERPOLATIONS:
             _fail("interpolation", self.interpolation, f"allowed: {', '.join(_INTERPOLATIONS)}")
+        if self.train_interpolation not in (None, "random", *_INTERPOLATIONS):
+            allowed = ", ".join((*_INTERPOLATIONS, "random"))
+            _fail("train_interpolation", self.train_interpolation, f"allowed: {allowed} or None")
         if self.remode not in _RE_MODES:
             _fail("remode", self.remode, f"allowed: {', '.join(_RE_MODES)}")
         if self.mixup_mode not in _MIXUP_MODES:
@@ -317,7 +324,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             hflip=self.hflip,
             auto_augment=self.auto_augment,
             color_jitter=cj,
-            interpolation=self.interpolation,
+            interpolation=self.train_interpolation or self.interpolation,
             mean=self.mean,
             std=self.std,
             re_prob=self.reprob,

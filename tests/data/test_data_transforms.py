@@ -85,3 +85,23 @@ def test_no_jitter_and_no_flip_when_disabled():
     dm = ImageNetDataModule(root="x", img_size=32, color_jitter=0.0, hflip=0.0, train_crop="simple")
     stages = _stages(dm.build_transform(train=True))
     assert not _of(stages, T.ColorJitter) and not _of(stages, T.RandomHorizontalFlip)
+
+
+def test_train_interpolation_overrides_training_only(tmp_path):
+    from masksub_lightning.data import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(
+        root=str(tmp_path), img_size=32, train_interpolation="random", interpolation="bicubic"
+    )
+    train_crop = (
+        dm.build_transform(train=True).transforms[0].transforms[0]
+    )  # timm's RandomResizedCropAndInterpolation
+    assert (
+        isinstance(train_crop.interpolation, tuple) and len(train_crop.interpolation) == 2
+    )  # random choice of two
+    eval_resize = dm.build_transform(train=False).transforms[0]
+    assert "bicubic" in str(eval_resize.interpolation).lower()
+    import pytest
+
+    with pytest.raises(ValueError, match="train_interpolation"):
+        ImageFolderDataModule(root=str(tmp_path), train_interpolation="cubic")
