@@ -58,7 +58,9 @@ class MaskSubModule(L.LightningModule):
         layer_decay: layer-wise LR decay factor for fine-tuning; None for none.
         optimizer_kwargs: extra optimizer arguments (``betas``, ``eps``, ``momentum``, ``fused``).
         scheduler: ``cosine``, ``constant``, ``poly``, ``tanh`` or ``wsd``, stepped once per optimizer step.
-        warmup_epochs: linear warmup length in epochs (converted to optimizer steps).
+        lr_interval: ``step`` moves the LR after every optimizer step; ``epoch`` once per epoch, as the DeiT-III
+            and RSB (timm 0.5) training scripts do.
+        warmup_epochs: linear warmup length in epochs (whole epochs when ``lr_interval`` is ``epoch``).
         warmup_lr: learning rate at the first step of warmup.
         min_lr: learning rate at the end of the schedule.
         grad_clip_norm: clip the gradient's global L2 norm to this value before each step; None for no clipping.
@@ -85,6 +87,7 @@ class MaskSubModule(L.LightningModule):
         layer_decay: float | None = None,
         optimizer_kwargs: dict[str, Any] | None = None,
         scheduler: str = "cosine",
+        lr_interval: Literal["step", "epoch"] = "step",
         warmup_epochs: float = 0.0,
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-6,
@@ -120,6 +123,8 @@ class MaskSubModule(L.LightningModule):
             raise ValueError(f"sub_ratio must be in [0, 1), got {sub_ratio!r}")
         check_optimizer_name(optimizer)
         check_scheduler_name(scheduler)
+        if lr_interval not in ("step", "epoch"):
+            raise ValueError(f"lr_interval must be 'step' or 'epoch', got {lr_interval!r}")
 
         self.num_classes = num_classes
         self.model = create_network(model, num_classes, model_kwargs or {})
@@ -160,6 +165,20 @@ class MaskSubModule(L.LightningModule):
         optimizer = build_optimizer(
             self.model, hp.optimizer, lr, hp.weight_decay, hp.layer_decay, **(hp.optimizer_kwargs or {})
         )
+        if hp.lr_interval == "epoch":
+            epochs = self.trainer.max_epochs
+            if epochs is None or epochs < 1:
+                raise ValueError("lr_interval='epoch' needs Trainer max_epochs")
+            scheduler = build_scheduler(
+                optimizer,
+                hp.scheduler,
+                epochs,
+                round(hp.warmup_epochs),
+                hp.warmup_lr,
+                hp.min_lr,
+                per_epoch=True,
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
             raise ValueError("the LR schedule needs a finite run: set Trainer max_epochs or max_steps")
@@ -238,13 +257,18 @@ class MaskSubModule(L.LightningModule):
         opt.step()
         opt.zero_grad(set_to_none=True)
         scheduler = self.lr_schedulers()
-        if scheduler is not None:
+        if scheduler is not None and self.hparams.lr_interval == "step":
             scheduler.step_update(num_updates=self.global_step)
 
         self._log_training(
             images.shape[0], loss, loss_main.detach(), loss_sub, grad_norm, main_logits, target, lr
         )
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and self.hparams.lr_interval == "epoch":
+            scheduler.step(epoch=self.current_epoch + 1)  # the LR of the next epoch
 
     def _clip_gradients(self, opt: Any) -> Tensor | None:
         max_norm = self.hparams.grad_clip_norm

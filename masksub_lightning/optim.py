@@ -71,8 +71,12 @@ def build_scheduler(
     warmup_steps: int = 0,
     warmup_lr: float = 1e-6,
     min_lr: float = 1e-6,
+    per_epoch: bool = False,
 ) -> Scheduler:
-    """A timm schedule over ``total_steps`` optimizer steps; call ``step_update(num_updates=step)`` after each."""
+    """A timm schedule over ``total_steps`` optimizer steps; call ``step_update(num_updates=step)`` after each.
+
+    With ``per_epoch=True`` the units are epochs instead: call ``step(epoch=e)`` at each epoch boundary.
+    """
     check_scheduler_name(name)
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -84,7 +88,7 @@ def build_scheduler(
         warmup_epochs=min(warmup_steps, total_steps),
         warmup_lr=warmup_lr,
         min_lr=min_lr,
-        step_on_epochs=False,
+        step_on_epochs=per_epoch,
         updates_per_epoch=1,
     )
     assert scheduler is not None

@@ -130,6 +130,21 @@ def test_step_advances_global_step_and_the_schedule():
     assert lrs == pytest.approx(warmup + cosine, rel=1e-9)
 
 
+def test_epoch_interval_moves_the_lr_once_per_epoch():
+    module = vit_module(lr=1e-2, warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-5, lr_interval="epoch")
+    lrs = []
+
+    class LRs(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            lrs.append(optimizer.param_groups[-1]["lr"])
+
+    trainer = quiet_trainer(max_epochs=4, callbacks=[LRs()], num_sanity_val_steps=0)
+    trainer.fit(module, make_loader(n=32, batch_size=16))  # 2 steps per epoch
+    cosine = [1e-5 + 0.5 * (1e-2 - 1e-5) * (1 + math.cos(math.pi * e / 4)) for e in (1, 2, 3)]
+    per_epoch = [1e-4, *cosine]
+    assert lrs == pytest.approx([lr for lr in per_epoch for _ in range(2)], rel=1e-9)
+
+
 # ------------------------------------------------------------------------------------------------------ losses
 def test_bce_targets_binarised_for_main_and_soft_sigmoid_for_sub():
     crit = MaskSubLoss("bce")
