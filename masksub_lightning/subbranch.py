@@ -385,15 +385,21 @@ class Dropout(SubBranch):
 
     @contextlib.contextmanager
     def perturbed(self, model: nn.Module, images: Tensor) -> Iterator[Tensor]:
-        layers = block_dropouts(model)
-        saved = [layer.p for layer in layers]
-        try:
-            for layer in layers:
-                layer.p = self.ratio
+        with _attribute_set(block_dropouts(model), "p", self.ratio):
             yield images
-        finally:
-            for layer, p in zip(layers, saved):
-                layer.p = p
+
+
+@contextlib.contextmanager
+def _attribute_set(layers: list[nn.Module], attr: str, value: float) -> Iterator[None]:
+    """Set ``attr`` of every layer to ``value`` inside the context; restore each layer's own value after."""
+    saved = [getattr(layer, attr) for layer in layers]
+    try:
+        for layer in layers:
+            setattr(layer, attr, value)
+        yield
+    finally:
+        for layer, old in zip(layers, saved):
+            setattr(layer, attr, old)
 
 
 def _drop_path_slots(model: nn.Module) -> Iterator[tuple[nn.Module, str, Any]]:
@@ -429,11 +435,5 @@ class DropPathSub(SubBranch):
     @contextlib.contextmanager
     def perturbed(self, model: nn.Module, images: Tensor) -> Iterator[Tensor]:
         layers = [m for m in model.modules() if isinstance(m, DropPath)]
-        saved = [layer.drop_prob for layer in layers]
-        try:
-            for layer in layers:
-                layer.drop_prob = self.ratio
+        with _attribute_set(layers, "drop_prob", self.ratio):
             yield images
-        finally:
-            for layer, p in zip(layers, saved):
-                layer.drop_prob = p
