@@ -346,13 +346,13 @@ def count_step_flops(module: MaskSubModule, batch: tuple[Tensor, Tensor], max_co
     model.train()
     with flop_counter() as counter:
         main_logits = module(images)
-        loss_main = module.compute_losses(main_logits, None, target)["loss_main"]
+        loss_main = module.main_loss(main_logits, target)
         (loss_main / 2).backward()
     flops = {"main": counter.get_total_flops() * scale, "sub": 0.0}
     if module.sub_branch.active:
         with flop_counter() as counter:
             sub_logits = module.sub_branch_forward(images)
-            loss_sub = module.compute_losses(main_logits.detach(), sub_logits, target)["loss_sub"]
+            loss_sub = module.sub_loss(sub_logits, main_logits.detach())
             (loss_sub / 2).backward()
         flops["sub"] = counter.get_total_flops() * scale
     model.zero_grad(set_to_none=True)
@@ -404,6 +404,18 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str,
     for c in cells:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
     print(flush=True)
+
+
+def measure_models(
+    args, device: torch.device, measure: Callable[..., dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Run ``measure(spec, args, device)`` for every model preset named in ``args.model``, in order."""
+    results = []
+    for name in args.model:
+        spec = resolve_spec(name, args.img_size, args.batch_size)
+        print(f"measuring {spec.label}, batch {spec.batch_size} ...", flush=True)
+        results.append(measure(spec, args, device))
+    return results
 
 
 def emit_json(payload: dict[str, Any]) -> None:

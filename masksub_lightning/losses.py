@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor
 
 LossKind = Literal["ce", "bce"]
@@ -74,6 +74,5 @@ class MaskSubLoss:
         return F.binary_cross_entropy_with_logits(logits, soft_target)
 
 
-def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean over the batch of ``-sum_c target_c * log_softmax(logits)_c``."""
-    return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+#: Mean over the batch of ``-sum_c target_c * log_softmax(logits)_c`` (timm's own implementation).
+soft_cross_entropy = SoftTargetCrossEntropy()

@@ -218,17 +218,13 @@ class MaskSubModule(L.LightningModule):
         """Sub-branch logits: the same network under the sub-branch's perturbation. Override to customise."""
         return self.sub_branch.forward(self.model, images)
 
-    def compute_losses(
-        self, main_logits: Tensor, sub_logits: Tensor | None, target: Tensor
-    ) -> dict[str, Tensor]:
-        """Named loss parts; ``loss`` is what the optimizer minimises. Override to change the objective.
+    def main_loss(self, main_logits: Tensor, target: Tensor) -> Tensor:
+        """The recipe's loss of the main branch against the (possibly mixed) labels. Override to customise."""
+        return self.criterion.main(main_logits, target)
 
-        Called with ``sub_logits=None`` to get the main-branch loss before the sub-branch runs.
-        """
-        parts = {"loss_main": self.criterion.main(main_logits, target)}
-        if sub_logits is not None:
-            parts["loss_sub"] = self.criterion.sub(sub_logits, self.criterion.sub_target(main_logits))
-        return parts
+    def sub_loss(self, sub_logits: Tensor, main_logits: Tensor) -> Tensor:
+        """The sub-branch's loss against the detached main branch's soft prediction. Override to customise."""
+        return self.criterion.sub(sub_logits, self.criterion.sub_target(main_logits))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, target = batch
@@ -239,16 +235,15 @@ class MaskSubModule(L.LightningModule):
             # Main branch: its gradient stays local (no DDP all-reduce) and its graph is freed before the sub-branch.
             with opt.toggle_model(sync_grad=False):
                 main_logits = self.model(images)
-                loss_main = self.compute_losses(main_logits, None, target)["loss_main"]
+                loss_main = self.main_loss(main_logits, target)
                 self.manual_backward(loss_main / 2)
             main_logits = main_logits.detach()
-            sub_logits = self.sub_branch_forward(images)
-            loss_sub = self.compute_losses(main_logits, sub_logits, target)["loss_sub"]
+            loss_sub = self.sub_loss(self.sub_branch_forward(images), main_logits)
             self.manual_backward(loss_sub / 2)  # this backward all-reduces the accumulated gradient
             loss = (loss_main.detach() + loss_sub.detach()) / 2
         else:
             main_logits = self.model(images)
-            loss_main = self.compute_losses(main_logits, None, target)["loss_main"]
+            loss_main = self.main_loss(main_logits, target)
             self.manual_backward(loss_main)
             loss, loss_sub, main_logits = loss_main.detach(), None, main_logits.detach()
 
@@ -277,9 +272,8 @@ class MaskSubModule(L.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None:  # 16-mixed: gradients are still scaled here
             scaler.unscale_(opt.optimizer)
-        if isinstance(
-            self.trainer.strategy, FSDPStrategy
-        ):  # sharded parameters: FSDP computes the global norm
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Sharded parameters: only FSDP can compute the global norm.
             self.clip_gradients(opt, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
             return None
         # torch's clip directly: Lightning's clip_gradients refuses fused optimizers even under bf16 (no scaler).
