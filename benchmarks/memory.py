@@ -216,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     source = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "CPU allocator events (profiler)"
     print(f"peak memory | {env['device']} | {source} | {args.precision} | {' '.join(sys.argv)}", flush=True)
 
-    results = []
-    for name in args.model:
-        spec = C.resolve_spec(name, args.img_size, args.batch_size)
-        print(f"measuring {spec.label}, batch {spec.batch_size} ...", flush=True)
-        results.append(measure(spec, args, device))
+    results = C.measure_models(args, device, measure)
 
     C.print_table(
         f"Peak allocated memory per step (MiB): MaskSub (r={args.sub_ratio}) vs baseline",

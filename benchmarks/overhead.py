@@ -270,11 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     env = C.environment(device)
     print(f"framework overhead | {env['device']} | {args.precision} | {' '.join(sys.argv)}", flush=True)
 
-    results = []
-    for name in args.model:
-        spec = C.resolve_spec(name, args.img_size, args.batch_size)
-        print(f"measuring {spec.label}, batch {spec.batch_size} ...", flush=True)
-        results.append(measure(spec, args, device))
+    results = C.measure_models(args, device, measure)
 
     C.print_table(
         "Lightning MaskSubModule vs plain PyTorch loop, same two-branch step: median of paired ratios [quartiles]",

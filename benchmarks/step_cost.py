@@ -186,11 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         f"rounds={args.rounds} warmup={args.warmup} steps={args.steps} | {' '.join(sys.argv)}",
         flush=True,
     )
-    results = []
-    for name in args.model:
-        spec = C.resolve_spec(name, args.img_size, args.batch_size)
-        print(f"measuring {spec.label}, batch {spec.batch_size} ...", flush=True)
-        results.append(measure(spec, args, device))
+    results = C.measure_models(args, device, measure)
 
     C.print_table(
         f"MaskSub (r={args.sub_ratio}) vs baseline, same MaskSubModule class: median of paired ratios [quartiles]",
