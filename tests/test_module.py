@@ -343,6 +343,8 @@ def test_bad_arguments_are_rejected_when_the_module_is_built():
         vit_module(scheduler="cosin")
     with pytest.raises(ValueError, match=r"loss must be 'ce' or 'bce', got 'mse'"):
         vit_module(loss="mse")
+    with pytest.raises(ValueError, match=r"lr_interval must be 'step' or 'epoch', got 'batch'"):
+        vit_module(lr_interval="batch")
 
 
 def test_any_nn_module_works():
