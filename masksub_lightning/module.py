@@ -12,18 +12,19 @@ sub-branch runs (peak memory of a single branch), and under DDP only the second 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
-import timm
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from masksub_lightning import guards, network
 from masksub_lightning.losses import MaskSubLoss
 from masksub_lightning.optim import (
     build_optimizer,
@@ -42,8 +43,16 @@ class MaskSubModule(L.LightningModule):
             that maps images (B, 3, H, W) to logits (B, num_classes).
         num_classes: number of classes; must match the model's head.
         model_kwargs: extra ``timm.create_model`` arguments (img_size, drop_path_rate, init_values, ...).
+        drop_path_profile: per-block stochastic-depth rates: ``linear`` (timm's ramp from 0 at the first block to
+            ``drop_path_rate`` at the last) or ``constant`` (every block at ``drop_path_rate``, as the DeiT-III
+            code builds its models).
+        head_init_std: re-initialise the classifier weight with a normal draw of this std and a zero bias (2e-5
+            for MAE and CLIP fine-tuning); None keeps the model's own initialisation.
+        freeze: module names whose parameters are not trained (e.g. ``[patch_embed]`` for CLIP fine-tuning).
         pretrained_weights: a local weights file loaded into the model when fitting starts (see
             ``masksub_lightning.pretrained``; the head is replaced when its size differs).
+        pretrained_exclude: module names of the checkpoint not loaded (kept at their fresh initialisation), e.g.
+            ``[norm]`` for CLIP fine-tuning.
         sub_branch: sub-branch kind by name (``mask``, ``token_mask``, ``pixel_mask``, ``mask_token``, ``dropout``,
             ``droppath``, ``none``) or a ``SubBranch`` object.
         sub_ratio: mask ratio / drop probability of the sub-branch, in [0, 1).
@@ -64,6 +73,12 @@ class MaskSubModule(L.LightningModule):
         warmup_lr: learning rate at the first step of warmup.
         min_lr: learning rate at the end of the schedule.
         grad_clip_norm: clip the gradient's global L2 norm to this value before each step; None for no clipping.
+        grad_accumulation: micro-batches per optimizer step. Each micro-batch runs both branches; gradients are
+            averaged over the group, all-reduced once per optimizer step under DDP, and the schedule, clipping and
+            logging count optimizer steps. Global batch = batch_size x devices x num_nodes x grad_accumulation.
+        nonfinite_loss: what a NaN / inf loss does: ``stop`` (default) ends the run with one line naming the step,
+            the branch and the last checkpoint, before anything more is saved; ``skip`` drops that optimizer step
+            and counts it (``train_skipped_steps``), at the cost of one host sync per step on GPUs.
         compile: ``torch.compile`` the network in place when the Trainer sets up.
         channels_last: channels-last memory format for network and inputs (faster convolutions on GPUs).
     """
@@ -73,7 +88,11 @@ class MaskSubModule(L.LightningModule):
         model: str | nn.Module = "vit_small_patch16_224",
         num_classes: int = 1000,
         model_kwargs: dict[str, Any] | None = None,
+        drop_path_profile: Literal["linear", "constant"] = "linear",
+        head_init_std: float | None = None,
+        freeze: list[str] | None = None,
         pretrained_weights: str | None = None,
+        pretrained_exclude: list[str] | None = None,
         sub_branch: str | SubBranch = "mask",
         sub_ratio: float = 0.5,
         sub_branch_kwargs: dict[str, Any] | None = None,
@@ -92,6 +111,8 @@ class MaskSubModule(L.LightningModule):
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-6,
         grad_clip_norm: float | None = None,
+        grad_accumulation: int = 1,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
         compile: bool = False,
         channels_last: bool = False,
     ) -> None:
@@ -125,9 +146,24 @@ class MaskSubModule(L.LightningModule):
         check_scheduler_name(scheduler)
         if lr_interval not in ("step", "epoch"):
             raise ValueError(f"lr_interval must be 'step' or 'epoch', got {lr_interval!r}")
+        _check_positive("grad_accumulation", grad_accumulation, integer=True)
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        if head_init_std is not None:
+            _check_positive("head_init_std", head_init_std)
+        if drop_path_profile not in network.DROP_PATH_PROFILES:
+            allowed = ", ".join(network.DROP_PATH_PROFILES)
+            raise ValueError(f"drop_path_profile must be one of {allowed}, got {drop_path_profile!r}")
 
         self.num_classes = num_classes
-        self.model = create_network(model, num_classes, model_kwargs or {})
+        self.model = network.create_network(model, num_classes, model_kwargs or {})
+        network.set_drop_path_profile(
+            self.model, drop_path_profile, (model_kwargs or {}).get("drop_path_rate")
+        )
+        if head_init_std is not None:
+            network.init_classifier(self.model, head_init_std)
+        if freeze:
+            network.freeze(self.model, freeze)
         self.criterion = MaskSubLoss(loss, label_smoothing, bce_target_threshold)
         self.sub_branch = build_sub_branch(sub_branch, sub_ratio, **(sub_branch_kwargs or {}))
         self.sub_branch.setup(self.model)
@@ -138,6 +174,11 @@ class MaskSubModule(L.LightningModule):
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self._pretrained_loaded = pretrained_weights is None
+        # Per-run state of the training step (not hyperparameters, not saved).
+        self._nonfinite = guards.NonFiniteMonitor()
+        self._skip_reason: guards.NonFinite | None = None
+        self._skipped_steps = 0
+        self._group_logs: tuple[dict[str, Tensor], int] | None = None
 
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -145,7 +186,8 @@ class MaskSubModule(L.LightningModule):
             # Loaded here, not in __init__, so load_from_checkpoint never needs the original weights file.
             from masksub_lightning.pretrained import load_pretrained
 
-            report = load_pretrained(self.model, self.hparams.pretrained_weights)
+            exclude = self.hparams.get("pretrained_exclude") or ()
+            report = load_pretrained(self.model, self.hparams.pretrained_weights, exclude=exclude)
             self.print(f"loaded pretrained weights from {self.hparams.pretrained_weights}: {report}")
             self._pretrained_loaded = True
 
@@ -179,26 +221,49 @@ class MaskSubModule(L.LightningModule):
                 per_epoch=True,
             )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-        total_steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total_steps):
-            raise ValueError("the LR schedule needs a finite run: set Trainer max_epochs or max_steps")
-        steps_per_epoch = self.trainer.num_training_batches
-        if not math.isfinite(steps_per_epoch):
-            if hp.warmup_epochs:
-                raise ValueError("warmup_epochs needs a train loader with a length (not an endless iterable)")
-            steps_per_epoch = total_steps
-        warmup_steps = round(hp.warmup_epochs * max(1, int(steps_per_epoch)))
+        total_steps, steps_per_epoch = self._optimizer_steps()
+        warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
         scheduler = build_scheduler(
-            optimizer, hp.scheduler, int(total_steps), warmup_steps, hp.warmup_lr, hp.min_lr
+            optimizer, hp.scheduler, total_steps, warmup_steps, hp.warmup_lr, hp.min_lr
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _optimizer_steps(self) -> tuple[int, int]:
+        """(optimizer steps of the whole run, optimizer steps per epoch), counting accumulation groups."""
+        accumulation = self.hparams.get("grad_accumulation", 1)
+        batches = self.trainer.num_training_batches
+        max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
+        if not math.isfinite(batches):
+            if accumulation > 1 or self.hparams.warmup_epochs:
+                raise ValueError(
+                    "grad_accumulation > 1 and warmup_epochs need a train loader with a length "
+                    "(not an endless iterable)"
+                )
+            if max_steps is None or max_steps < 0:
+                raise ValueError("the LR schedule needs a finite run: set Trainer max_epochs or max_steps")
+            return max_steps, max_steps
+        if accumulation > batches:
+            raise ValueError(
+                f"grad_accumulation={accumulation} is more than the {int(batches)} train batches of an epoch; "
+                "use a value <= the number of batches per epoch"
+            )
+        per_epoch = math.ceil(batches / accumulation)  # a shorter last group still takes a step
+        if max_epochs is None or max_epochs < 0:
+            if max_steps is None or max_steps < 0:
+                raise ValueError("the LR schedule needs a finite run: set Trainer max_epochs or max_steps")
+            return max_steps, per_epoch
+        total = per_epoch * max(max_epochs, 1)
+        if max_steps is not None and max_steps >= 0:
+            total = min(total, max_steps)
+        return total, per_epoch
+
     def _global_batch_size(self) -> int:
+        """Images per optimizer step over all devices: batch size x world size x grad_accumulation."""
         loader = self.trainer.train_dataloader
         batch_size = getattr(loader, "batch_size", None) or getattr(loader.batch_sampler, "batch_size", None)
         if batch_size is None:
             raise ValueError("lr_base_batch_size needs a train DataLoader with a batch_size")
-        return int(batch_size) * self.trainer.world_size
+        return int(batch_size) * self.trainer.world_size * self.hparams.get("grad_accumulation", 1)
 
     def on_train_start(self) -> None:
         # Lightning seeds every rank alike; masks and mixup draws must differ across ranks (timm and DeiT seed
@@ -230,23 +295,42 @@ class MaskSubModule(L.LightningModule):
         images, target = batch
         images = self._to_memory_format(images)
         opt = self.optimizers()
+        group_size, last_in_group = self._accumulation_position(batch_idx)
+        scale = 1.0 / group_size  # the optimizer step applies the mean gradient of its micro-batches
 
         if self.sub_branch.active:
             # Main branch: its gradient stays local (no DDP all-reduce) and its graph is freed before the sub-branch.
             with opt.toggle_model(sync_grad=False):
                 main_logits = self.model(images)
                 loss_main = self.main_loss(main_logits, target)
-                self.manual_backward(loss_main / 2)
+                self.manual_backward(loss_main * (scale / 2))
             main_logits = main_logits.detach()
-            loss_sub = self.sub_loss(self.sub_branch_forward(images), main_logits)
-            self.manual_backward(loss_sub / 2)  # this backward all-reduces the accumulated gradient
+            with self._gradient_sync(opt, last_in_group):  # one all-reduce per optimizer step
+                loss_sub = self.sub_loss(self.sub_branch_forward(images), main_logits)
+                self.manual_backward(loss_sub * (scale / 2))
             loss = (loss_main.detach() + loss_sub.detach()) / 2
         else:
-            main_logits = self.model(images)
-            loss_main = self.main_loss(main_logits, target)
-            self.manual_backward(loss_main)
+            with self._gradient_sync(opt, last_in_group):
+                main_logits = self.model(images)
+                loss_main = self.main_loss(main_logits, target)
+                self.manual_backward(loss_main * scale)
             loss, loss_sub, main_logits = loss_main.detach(), None, main_logits.detach()
 
+        self._check_finite(loss_main, loss_sub)
+        self._collect_training_logs(images.shape[0], loss, loss_main.detach(), loss_sub, main_logits, target)
+        if last_in_group:
+            self._optimizer_step(opt)
+        return loss
+
+    def _optimizer_step(self, opt: Any) -> None:
+        """Clip, step, zero the gradient, move a per-step schedule, and log the step's values."""
+        if self._skip_reason is not None:  # nonfinite_loss="skip": drop this step's gradient, count it
+            opt.zero_grad(set_to_none=True)
+            self._skipped_steps += 1
+            self._skip_reason = None
+            self._group_logs = None
+            self.log("train_skipped_steps", float(self._skipped_steps), on_step=True, on_epoch=False)
+            return
         grad_norm = self._clip_gradients(opt)
         lr = opt.optimizer.param_groups[-1]["lr"]  # the LR this step applies (the schedule moves it below)
         opt.step()
@@ -254,13 +338,53 @@ class MaskSubModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None and self.hparams.lr_interval == "step":
             scheduler.step_update(num_updates=self.global_step)
+        self._log_training(grad_norm, lr)
 
-        self._log_training(
-            images.shape[0], loss, loss_main.detach(), loss_sub, grad_norm, main_logits, target, lr
+    def _accumulation_position(self, batch_idx: int) -> tuple[int, bool]:
+        """(micro-batches in this batch's optimizer step, whether this batch is the last of them).
+
+        Groups of ``grad_accumulation`` consecutive batches; the epoch's last group may be shorter and then
+        averages over the batches it has (as one optimizer step on a smaller batch).
+        """
+        n = self.hparams.get("grad_accumulation", 1)
+        if n == 1:
+            return 1, True
+        per_epoch = int(self.trainer.num_training_batches)
+        start = batch_idx - batch_idx % n
+        size = min(n, per_epoch - start)
+        return size, batch_idx == start + size - 1
+
+    def _gradient_sync(self, opt: Any, sync: bool) -> Any:
+        """DDP all-reduces the gradient only on the last backward of an optimizer step."""
+        return contextlib.nullcontext() if sync else opt.toggle_model(sync_grad=False)
+
+    # ------------------------------------------------------------------------------------ non-finite losses
+    def _check_finite(self, loss_main: Tensor, loss_sub: Tensor | None) -> None:
+        """Apply the ``nonfinite_loss`` policy to this batch's losses (see ``masksub_lightning.guards``)."""
+        if self.hparams.get("nonfinite_loss", "stop") == "skip":
+            found = guards.is_finite(loss_main, loss_sub)  # one host sync: the step must be decided now
+            if found is not None and self._skip_reason is None:
+                self._skip_reason = found
+            return
+        self._nonfinite.record(self.global_step + 1, loss_main, loss_sub)
+        self._stop_if_nonfinite(wait=False)
+
+    def _stop_if_nonfinite(self, wait: bool) -> None:
+        found = self._nonfinite.poll(wait=wait)
+        if found is None:
+            return
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        last_good = (
+            getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        ) or None
+        raise guards.NonFiniteLossError(
+            f"non-finite loss (NaN or inf) at step {found.step} in the {found.branch}; stopping "
+            f"(nonfinite_loss='stop'). Last good checkpoint: {last_good or 'none saved yet'}; "
+            "nothing from this step on was saved"
         )
-        return loss
 
     def on_train_epoch_end(self) -> None:
+        self._stop_if_nonfinite(wait=True)  # before validation and the epoch's checkpoint
         scheduler = self.lr_schedulers()
         if scheduler is not None and self.hparams.lr_interval == "epoch":
             scheduler.step(epoch=self.current_epoch + 1)  # the LR of the next epoch
@@ -279,21 +403,31 @@ class MaskSubModule(L.LightningModule):
         # torch's clip directly: Lightning's clip_gradients refuses fused optimizers even under bf16 (no scaler).
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
-    def _log_training(
-        self, batch_size, loss, loss_main, loss_sub, grad_norm, main_logits, target, lr
-    ) -> None:
-        # Tensors only: Lightning moves them to the host when it writes logs, not on every step.
+    def _collect_training_logs(self, batch_size, loss, loss_main, loss_sub, main_logits, target) -> None:
+        """Sum this batch's losses into its optimizer step's group (logged once per optimizer step)."""
         values = {"train_loss": loss, "train_loss_main": loss_main}
         if loss_sub is not None:
             values["train_loss_sub"] = loss_sub.detach()
-        if grad_norm is not None:
-            values["train_grad_norm"] = grad_norm
-        self.log_dict(values, on_step=True, on_epoch=True, batch_size=batch_size)
+        weighted = {k: v * batch_size for k, v in values.items()}
+        if self._group_logs is None:
+            self._group_logs = (weighted, batch_size)
+        else:
+            sums, images = self._group_logs
+            self._group_logs = ({k: sums[k] + weighted[k] for k in sums}, images + batch_size)
         hard_target = target.argmax(-1) if target.is_floating_point() else target
         self.train_acc.update(main_logits, hard_target)  # update only: the per-batch value is never needed
-        self.log("train_acc_main", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    def _log_training(self, grad_norm: Tensor | None, lr: float) -> None:
+        # Tensors only: Lightning moves them to the host when it writes logs, not on every step.
+        sums, images = self._group_logs
+        self._group_logs = None
+        values = {k: v / images for k, v in sums.items()}
+        if grad_norm is not None:
+            values["train_grad_norm"] = grad_norm
+        self.log_dict(values, on_step=True, on_epoch=True, batch_size=images)
+        self.log("train_acc_main", self.train_acc, on_step=False, on_epoch=True, batch_size=images)
         # A CPU tensor: a Python float would be copied to the GPU, and that copy waits for the whole step.
-        self.log("lr", torch.tensor(lr), on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("lr", torch.tensor(lr), on_step=True, on_epoch=False, batch_size=images)
 
     # ------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -325,39 +459,6 @@ class MaskSubModule(L.LightningModule):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def create_network(model: str | nn.Module, num_classes: int, model_kwargs: dict[str, Any]) -> nn.Module:
-    """Build a timm model by name, or check a given module; either way its head must have ``num_classes``."""
-    if isinstance(model, str):
-        if "num_classes" in model_kwargs and model_kwargs["num_classes"] != num_classes:
-            raise ValueError(
-                f"model_kwargs num_classes={model_kwargs['num_classes']} differs from num_classes={num_classes}"
-            )
-        if not timm.is_model(model):
-            close = timm.list_models(f"*{model.split('.')[0][:12]}*")[:8]
-            hint = f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()"
-            raise ValueError(f"unknown timm model {model!r}{hint}")
-        model = timm.create_model(model, **{**model_kwargs, "num_classes": num_classes})
-    elif not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a timm model name or an nn.Module, got {type(model).__name__}")
-    elif model_kwargs:
-        raise ValueError("model_kwargs only apply when model is a timm model name")
-    head_size = _head_size(model)
-    if head_size is not None and head_size != num_classes:
-        raise ValueError(f"the model's head has {head_size} outputs but num_classes={num_classes}")
-    return model
-
-
-def _head_size(model: nn.Module) -> int | None:
-    if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
-        if isinstance(head, nn.Linear):
-            return head.out_features
-        if isinstance(head, nn.Conv2d):
-            return head.out_channels
-    size = getattr(model, "num_classes", None)
-    return size if isinstance(size, int) else None
-
-
 def _check_positive(name: str, value: Any, integer: bool = False) -> None:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:

@@ -1,0 +1,173 @@
+"""Building the network and the few one-off changes recipes make to it after it is built.
+
+Everything here runs once, when the module is constructed, and acts on a plain timm model (or any ``nn.Module``
+classifier); nothing here is involved in a training step.
+
+* :func:`create_network`: a timm model by name (or a given module), checked against ``num_classes``.
+* :func:`classifier_modules` / :func:`classifier_names`: which modules are the classifier head (the one helper the
+  package uses for that question).
+* :func:`set_drop_path_profile`: per-block stochastic-depth rates, "linear" (timm's ramp from 0) or "constant"
+  (every block at the full rate, as the DeiT-III code builds its models).
+* :func:`init_classifier`: re-initialise the head with a small normal std (MAE and FT-CLIP fine-tuning).
+* :func:`freeze`: stop training the parameters under some module names (FT-CLIP freezes the patch embedding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import timm
+from timm.layers import DropPath
+from torch import nn
+
+#: Per-block drop-path profiles: "linear" keeps timm's ramp, "constant" gives every block the full rate.
+DROP_PATH_PROFILES = ("linear", "constant")
+
+
+def create_network(model: str | nn.Module, num_classes: int, model_kwargs: dict[str, Any]) -> nn.Module:
+    """Build a timm model by name, or check a given module; either way its head must have ``num_classes``."""
+    if isinstance(model, str):
+        if "num_classes" in model_kwargs and model_kwargs["num_classes"] != num_classes:
+            raise ValueError(
+                f"model_kwargs num_classes={model_kwargs['num_classes']} differs from num_classes={num_classes}"
+            )
+        if not timm.is_model(model):
+            close = timm.list_models(f"*{model.split('.')[0][:12]}*")[:8]
+            hint = f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()"
+            raise ValueError(f"unknown timm model {model!r}{hint}")
+        model = timm.create_model(model, **{**model_kwargs, "num_classes": num_classes})
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a timm model name or an nn.Module, got {type(model).__name__}")
+    elif model_kwargs:
+        raise ValueError("model_kwargs only apply when model is a timm model name")
+    head_size = _head_size(model)
+    if head_size is not None and head_size != num_classes:
+        raise ValueError(f"the model's head has {head_size} outputs but num_classes={num_classes}")
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- classifier
+def classifier_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The classifier head's modules by qualified name, from ``get_classifier()`` and ``pretrained_cfg``.
+
+    timm names the head in ``pretrained_cfg["classifier"]`` (``head``, ``fc``, ``head.fc``, a list for
+    distilled models) and returns it from ``get_classifier()``; either source is enough.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    named = cfg.get("classifier") if isinstance(cfg, dict) else None
+    names = {named} if isinstance(named, str) else {n for n in (named or ()) if isinstance(n, str)}
+    heads = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else ()
+    head_ids = {id(h) for h in (heads if isinstance(heads, (list, tuple)) else (heads,))}
+    found = {}
+    for name, module in model.named_modules():
+        if name and (name in names or id(module) in head_ids) and not isinstance(module, nn.Identity):
+            found[name] = module
+    return found
+
+
+def classifier_names(model: nn.Module) -> list[str]:
+    """Qualified module names of the classifier head (see :func:`classifier_modules`)."""
+    return sorted(classifier_modules(model))
+
+
+def _head_size(model: nn.Module) -> int | None:
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        if isinstance(head, nn.Linear):
+            return head.out_features
+        if isinstance(head, nn.Conv2d):
+            return head.out_channels
+    size = getattr(model, "num_classes", None)
+    return size if isinstance(size, int) else None
+
+
+def init_classifier(model: nn.Module, std: float) -> list[str]:
+    """Re-initialise every linear classifier: weight ~ trunc_normal(std), bias 0. Returns the names changed.
+
+    The truncation bounds stay at timm's / torch's absolute default (+-2), as in the MAE fine-tuning code, so for
+    a small std this is a plain normal draw. FT-CLIP's "timm init (std 0.02) scaled by 0.001" is the same
+    distribution as std 2e-5.
+    """
+    changed = []
+    for name, module in classifier_modules(model).items():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            changed.append(name)
+    if not changed:
+        raise ValueError(
+            f"head_init_std needs a linear classifier head; {type(model).__name__} has "
+            f"{classifier_names(model) or 'none found by get_classifier()'}"
+        )
+    return changed
+
+
+# ------------------------------------------------------------------------------------------------- drop-path
+def drop_path_slots(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module | None]]:
+    """(owner, attribute, value) for every ``drop_path*`` slot of every block: a DropPath, an Identity or None.
+
+    timm builds ``nn.Identity`` (or leaves ``None``) where a block's stochastic-depth rate is 0.
+    """
+    for module in model.modules():
+        names = set(module._modules) | {k for k, v in vars(module).items() if v is None}
+        for attr in sorted(names):
+            if attr.startswith("drop_path"):
+                value = getattr(module, attr)
+                if value is None or isinstance(value, (DropPath, nn.Identity)):
+                    yield module, attr, value
+
+
+def drop_path_rates(model: nn.Module) -> list[float]:
+    """Per-slot stochastic-depth rates in module order (0 for Identity / None slots)."""
+    return [float(v.drop_prob) if isinstance(v, DropPath) else 0.0 for _, _, v in drop_path_slots(model)]
+
+
+def set_drop_path_profile(model: nn.Module, profile: str, rate: float | None = None) -> None:
+    """Give the blocks the ``profile`` of stochastic-depth rates.
+
+    Args:
+        model: the built network.
+        profile: ``linear`` leaves timm's ramp (0 at the first block to ``rate`` at the last) untouched;
+            ``constant`` sets every block to ``rate``, replacing identity slots by ``DropPath`` (same state dict).
+        rate: the full rate; default the largest rate timm built (its ramp ends at ``drop_path_rate``).
+    """
+    if profile not in DROP_PATH_PROFILES:
+        raise ValueError(f"drop_path_profile must be one of {', '.join(DROP_PATH_PROFILES)}, got {profile!r}")
+    if profile == "linear":
+        return
+    slots = list(drop_path_slots(model))
+    if not slots:
+        raise ValueError(
+            f"drop_path_profile='constant' needs a model with per-block drop-path slots; {type(model).__name__} "
+            "has none"
+        )
+    full = max(drop_path_rates(model)) if rate is None else float(rate)
+    for owner, attr, _ in slots:
+        setattr(owner, attr, DropPath(full) if full > 0 else nn.Identity())
+
+
+# ------------------------------------------------------------------------------------------------- freezing
+def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
+    """Set ``requires_grad=False`` on every parameter at or under the module names ``prefixes``.
+
+    Returns the frozen parameter names. Each prefix must match at least one parameter, so a typo is an error.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    frozen: list[str] = []
+    for prefix in prefixes:
+        matched = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        if not matched:
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ValueError(f"freeze: {prefix!r} matches no parameter; top-level modules: {', '.join(tops)}")
+        frozen += matched
+    params = dict(model.named_parameters())
+    for name in frozen:
+        params[name].requires_grad_(False)
+    return frozen
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of trainable scalars (for logs and tests)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
