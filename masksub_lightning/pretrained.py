@@ -1,55 +1,24 @@
-"""Load a local pre-trained weights file into a timm model, whatever recipe produced it.
+"""Load a local MAE / CLIP / DeiT-III / timm weights file into a timm model, on top of timm's own loader.
 
-MaskSub fine-tunes from three kinds of pre-trained networks (see ``docs/method.md``): an MAE encoder, a CLIP image
-tower, or a DeiT-III model trained at a lower resolution. :func:`load_pretrained` reads any of them (and any timm
-checkpoint) from a local file, converts it to the target model's key names and shapes, loads it, and returns a
-:class:`LoadReport` saying what was loaded, renamed, resized, dropped and left missing.
+The pipeline, each step small and in timm's terms::
 
-Files (local only, nothing is downloaded):
-
-* ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt``: ``torch.load(..., map_location="cpu", weights_only=True)``. An
-  untrusted file is data, not code: a pickle that holds anything but tensors and plain containers is refused
-  (``argparse.Namespace``, which MAE / DeiT training checkpoints keep under ``"args"``, is the one class allowed).
-* ``.safetensors``: ``safetensors.torch.load_file``.
-
-Containers and prefixes unwrapped:
-
-* ``{"model": sd}``: MAE and DeiT-III official checkpoints; ``{"state_dict": sd}``: Lightning checkpoints;
-  ``{"module": sd}``: DeepSpeed.
-* ``model.``: the MaskSubModule stores its network as attribute ``model``, so a Lightning checkpoint's keys read
-  ``model.blocks.0...``; the prefix is stripped and the module's other tensors (loss buffers, ...) are dropped.
-* ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``).
-
-Formats (``source``; ``"auto"`` picks one from the keys, see :func:`detect_source`):
-
-========= ==========================================================================================================
-``mae``   facebookresearch/mae pre-training checkpoint: encoder keys already in timm names (``cls_token``,
-          ``pos_embed``, ``patch_embed.proj``, ``blocks.{i}.*``, ``norm``) plus the decoder (``mask_token``,
-          ``decoder_embed``, ``decoder_pos_embed``, ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``), which is
-          dropped and reported. MAE fine-tuned checkpoints (``fc_norm``, ``head``) load as plain timm checkpoints.
-``clip``  a CLIP image tower in timm layout (``norm_pre``, ``head`` = the projection), or an OpenAI / OpenCLIP state
-          dict (``visual.*`` keys, the text tower is dropped), converted by timm's own filter.
-``deit3`` facebookresearch/deit DeiT-III checkpoint: timm names except LayerScale ``blocks.{i}.gamma_1/2``, which
-          become ``blocks.{i}.ls1.gamma`` / ``ls2.gamma``; ``pos_embed`` has no class-token slot (timm's
-          ``no_embed_class=True``).
-``timm``  any timm state dict, no format-specific conversion.
-========= ==========================================================================================================
-
-Adapting to the target model, in order::
-
-    file -> unwrap containers / prefixes -> format conversion (mae | clip | deit3)
-         -> final norm: norm.* -> fc_norm.* when the model pools with fc_norm (global_pool="avg", MAE fine-tuning)
-         -> pos_embed class-token slot added / folded into cls_token if the layouts differ (exact)
-         -> timm's checkpoint_filter_fn of the model's module (pos_embed / patch kernel resampling, OpenAI CLIP, ...)
-         -> pos_embed / patch kernel resampled for models whose module has no filter
-         -> classifier: the checkpoint's head is dropped when its shape differs (the model keeps its fresh head)
-         -> coverage check (>= 50 % of the non-head tensors) -> strict_encoder check -> load_state_dict
+    timm.models.load_state_dict        read .safetensors, or a pickle with weights_only=True; unwrap "state_dict" /
+                                       "model"; strip DDP "module." / torch.compile "_orig_mod." prefixes
+    + _read                            DeepSpeed's "module" container, the "model." attribute prefix of a
+                                       MaskSubModule Lightning checkpoint, argparse.Namespace allowed (MAE / DeiT args)
+    -> _convert_format (source)        mae: decoder dropped; clip: OpenAI text tower dropped; deit3: gamma_1/2 ->
+                                       ls1/ls2.gamma
+    -> _fix_pos_embed_layout           class-token slot of pos_embed added / folded into cls_token (exact)
+    -> the model module's own          timm's checkpoint_filter_fn: pos_embed / patch kernel resampling, OpenAI CLIP
+       checkpoint_filter_fn            names, ...
+    -> _select                         norm dropped when the model pools before a fresh fc_norm (MAE fine-tuning),
+                                       ``exclude``, a classifier of another shape, tensors that do not fit
+    -> model.load_state_dict(strict=False) -> LoadReport
 
 Example::
 
     model = timm.create_model("vit_base_patch16_224", num_classes=100, global_pool="avg", drop_path_rate=0.1)
-    report = load_pretrained(model, "mae_pretrain_vit_base.pth")
-    print(report)
+    print(load_pretrained(model, "mae_pretrain_vit_base.pth"))
 """
 
 from __future__ import annotations
@@ -61,12 +30,13 @@ import os
 import pickle
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
+from timm.models import clean_state_dict, load_state_dict
 from torch import Tensor, nn
 
 __all__ = ["SUPPORTED_SUFFIXES", "LoadReport", "Source", "detect_source", "load_pretrained"]
@@ -74,35 +44,27 @@ __all__ = ["SUPPORTED_SUFFIXES", "LoadReport", "Source", "detect_source", "load_
 _logger = logging.getLogger(__name__)
 
 Source = Literal["auto", "timm", "mae", "clip", "deit3"]
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-_SAFETENSORS_SUFFIXES = (".safetensors",)
-SUPPORTED_SUFFIXES: tuple[str, ...] = _TORCH_SUFFIXES + _SAFETENSORS_SUFFIXES
-
-# Containers unwrapped, in order of preference, when the loaded object is not itself a flat tensor dict.
-_CONTAINER_KEYS = ("state_dict", "model", "module")
-# Key prefixes added by wrappers around the network (DDP, torch.compile).
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# Attribute under which the MaskSubModule (a LightningModule) stores its network.
-_LIGHTNING_PREFIX = "model."
-# A checkpoint must cover at least this fraction of the model's non-classifier tensors.
-_MIN_COVERAGE = 0.5
-# How many key names a log line / error message lists before "... and N more".
-_SHOW = 8
-
+_LIGHTNING_PREFIX = "model."  # MaskSubModule stores its network as attribute `model`
+_MIN_COVERAGE = 0.5  # a checkpoint must cover this fraction of the model's non-classifier tensors
+_SHOW = 8  # key names listed before "... and N more"
 _GAMMA_RE = re.compile(r"^(.*)\.gamma_([12])$")
+_FRESH_FC_NORM = (
+    "the model pools before its norm (norm is Identity): fc_norm is built fresh, as MAE fine-tuning does"
+)
+_EXCLUDED = "excluded: kept at its fresh initialisation"
 
 
-def _shape(t: Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
-
-
-def _head_of_list(keys: Iterable[str], n: int = _SHOW) -> str:
+def _listed(keys: Iterable[str], n: int = _SHOW) -> str:
     keys = list(keys)
-    if not keys:
-        return "none"
-    shown = ", ".join(keys[:n])
+    shown = ", ".join(keys[:n]) or "none"
     return shown if len(keys) <= n else f"{shown}, ... and {len(keys) - n} more"
+
+
+def _is_under(key: str, prefixes: Iterable[str]) -> bool:
+    """``key`` is one of the module / tensor names in ``prefixes`` or inside one ("norm" matches "norm.weight")."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 @dataclass
@@ -113,13 +75,13 @@ class LoadReport:
         path: The file read.
         source: The format the checkpoint was read as (``"auto"`` resolved by :func:`detect_source`).
         loaded_keys: Model keys that received a checkpoint tensor.
-        missing_keys: Model keys left at their initial values (includes a replaced classifier).
+        missing_keys: Model keys left at their initial values (includes a replaced classifier and ``kept_fresh``).
         unexpected_keys: Checkpoint keys (after conversion) with no counterpart in the model and no known reason.
-        dropped_keys: Checkpoint keys deliberately not loaded, mapped to the reason (MAE decoder, classifier of
-            another shape, text tower, ...).
+        dropped_keys: Checkpoint keys deliberately not loaded, mapped to the reason.
         resized_keys: Model keys whose checkpoint tensor was resampled, mapped to ``(checkpoint_shape, new_shape)``.
-        renamed_keys: Checkpoint key -> model key for renames done here (LayerScale gamma, norm -> fc_norm).
+        renamed_keys: Checkpoint key -> model key for renames done here (DeiT-III LayerScale gamma).
         head_keys: The model's classifier keys (never required by ``strict_encoder``).
+        kept_fresh: Model keys deliberately left at their initialisation (``exclude``; ``fc_norm`` built fresh).
         notes: Conversions worth knowing about, in plain words.
     """
 
@@ -132,13 +94,14 @@ class LoadReport:
     resized_keys: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     renamed_keys: dict[str, str] = field(default_factory=dict)
     head_keys: list[str] = field(default_factory=list)
+    kept_fresh: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def missing_encoder_keys(self) -> list[str]:
-        """Missing keys outside the classifier: these are the ones that deserve attention."""
-        head = set(self.head_keys)
-        return [k for k in self.missing_keys if k not in head]
+        """Missing keys outside the classifier and not deliberately fresh: the ones that deserve attention."""
+        expected = set(self.head_keys) | set(self.kept_fresh)
+        return [k for k in self.missing_keys if k not in expected]
 
     @property
     def head_replaced(self) -> bool:
@@ -152,221 +115,115 @@ class LoadReport:
         ]
         if self.resized_keys:
             items = [f"{k} {list(a)} -> {list(b)}" for k, (a, b) in self.resized_keys.items()]
-            lines.append(f"  resized ({len(items)}): {_head_of_list(items)}")
+            lines.append(f"  resized ({len(items)}): {_listed(items)}")
         if self.renamed_keys:
             items = [f"{a} -> {b}" for a, b in self.renamed_keys.items()]
-            lines.append(f"  renamed ({len(items)}): {_head_of_list(items)}")
+            lines.append(f"  renamed ({len(items)}): {_listed(items)}")
         if self.dropped_keys:
             by_reason: dict[str, list[str]] = {}
             for key, reason in self.dropped_keys.items():
                 by_reason.setdefault(reason, []).append(key)
             lines.append(f"  dropped ({len(self.dropped_keys)}):")
-            lines.extend(f"    {reason}: {_head_of_list(keys)}" for reason, keys in by_reason.items())
-        head_missing = [k for k in self.missing_keys if k in set(self.head_keys)]
+            lines.extend(f"    {reason}: {_listed(keys)}" for reason, keys in by_reason.items())
+        head_missing = [k for k in self.missing_keys if k in self.head_keys]
         if head_missing:
-            lines.append(
-                f"  classifier kept from the model (freshly initialised): {_head_of_list(head_missing)}"
-            )
-        lines.append(
-            f"  missing ({len(self.missing_encoder_keys)}): {_head_of_list(self.missing_encoder_keys)}"
-        )
-        lines.append(f"  unexpected ({len(self.unexpected_keys)}): {_head_of_list(self.unexpected_keys)}")
+            lines.append(f"  classifier kept from the model (freshly initialised): {_listed(head_missing)}")
+        if self.kept_fresh:
+            lines.append(f"  kept at their fresh initialisation: {_listed(self.kept_fresh)}")
+        lines.append(f"  missing ({len(self.missing_encoder_keys)}): {_listed(self.missing_encoder_keys)}")
+        lines.append(f"  unexpected ({len(self.unexpected_keys)}): {_listed(self.unexpected_keys)}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Reading files
-
-
-def _read_file(path: Path) -> Any:
-    """Deserialize ``path`` without running code from it."""
-    suffix = path.suffix.lower()
-    if suffix in _SAFETENSORS_SUFFIXES:
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+def _read(path: Path, model_keys: set[str], report: LoadReport) -> dict[str, Tensor]:
+    """timm's ``load_state_dict`` plus the containers it does not know; refuses pickles that are not just data."""
     try:
-        # Namespace only holds attributes; MAE / DeiT training checkpoints store their argparse args in it.
+        # MAE / DeiT training checkpoints keep their argparse args in a Namespace (attributes only, no code).
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise pickle.UnpicklingError(
-            f"Refused to load {path}: it contains objects other than tensors and plain containers, and a "
-            "pickle can run arbitrary code, so it is loaded with torch.load(weights_only=True). If you trust the "
-            "file, re-save just its state dict (torch.save(obj['model'], ...)) or convert it to .safetensors. "
-            f"torch said: {str(err).splitlines()[0]}"
-        ) from err
-
-
-def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
-
-
-def _unwrap_container(obj: Any, path: Path) -> tuple[dict[str, Any], list[str]]:
-    """Descend through ``{"state_dict" | "model" | "module": ...}`` wrappers to the state dict.
-
-    Returns:
-        The state dict (values not yet checked) and the container keys followed, outermost first.
-    """
-    trail: list[str] = []
-    while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
-        for key in _CONTAINER_KEYS:
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                trail.append(key)
-                break
-        else:
-            break
-    if not isinstance(obj, Mapping):
-        raise ValueError(
-            f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)."
-        )
-    return dict(obj), trail
-
-
-def _strip_prefixes(
-    sd: dict[str, Any], model_keys: set[str], dropped: dict[str, str]
-) -> tuple[dict[str, Any], list[str]]:
-    """Remove wrapper prefixes the target model does not have itself.
-
-    ``model.`` (the LightningModule attribute) is stripped when at least half of the keys carry it; keys without it
-    belong to other attributes of the LightningModule and are dropped. ``module.`` / ``_orig_mod.`` are stripped
-    wherever they lead a key.
-    """
-    stripped: list[str] = []
-    changed = True
-    while changed:
-        changed = False
-        if not any(k.startswith(_LIGHTNING_PREFIX) for k in model_keys):
-            with_prefix = [k for k in sd if k.startswith(_LIGHTNING_PREFIX)]
-            if with_prefix and 2 * len(with_prefix) >= len(sd):
-                for k in sd:
-                    if not k.startswith(_LIGHTNING_PREFIX):
-                        dropped[k] = "outside the LightningModule's `model` attribute"
-                sd = {
-                    k[len(_LIGHTNING_PREFIX) :]: v for k, v in sd.items() if k.startswith(_LIGHTNING_PREFIX)
-                }
-                stripped.append(_LIGHTNING_PREFIX)
-                changed = True
-        for prefix in _WRAPPER_PREFIXES:
-            if any(k.startswith(prefix) for k in model_keys):
-                continue
-            if any(k.startswith(prefix) for k in sd):
-                sd = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in sd.items()}
-                stripped.append(prefix)
-                changed = True
-    return sd, stripped
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Formats
+            # use_ema=False: DeiT-III fine-tunes from the raw weights, not its EMA (docs/method.md).
+            sd = load_state_dict(str(path), use_ema=False, weights_only=True)
+    except Exception as err:
+        if isinstance(err, pickle.UnpicklingError) or isinstance(err.__cause__, pickle.UnpicklingError):
+            raise pickle.UnpicklingError(
+                f"Refused to load {path}: it holds objects other than tensors and plain containers, and a pickle "
+                "can run arbitrary code, so it is read with torch.load(weights_only=True). If you trust the file, "
+                "re-save just its state dict (torch.save(obj['model'], ...)) or convert it to .safetensors. "
+                f"({str(err).splitlines()[0]})"
+            ) from err
+        raise ValueError(f"Could not read {path} as a state dict (names -> tensors): {err}") from err
+    if isinstance(sd.get("module"), Mapping):  # DeepSpeed
+        sd = clean_state_dict(dict(sd["module"]))
+    inside = [k for k in sd if k.startswith(_LIGHTNING_PREFIX)]
+    if 2 * len(inside) >= len(sd) > 0 and not any(k.startswith(_LIGHTNING_PREFIX) for k in model_keys):
+        outside = [k for k in sd if not k.startswith(_LIGHTNING_PREFIX)]
+        report.dropped_keys.update(dict.fromkeys(outside, "outside the LightningModule's `model` attribute"))
+        sd = clean_state_dict({k[len(_LIGHTNING_PREFIX) :]: sd[k] for k in inside})
+    for k in [k for k, v in sd.items() if not isinstance(v, Tensor)]:
+        report.dropped_keys[k] = f"not a tensor ({type(sd.pop(k)).__name__})"
+    return sd
 
 
 def detect_source(state_dict: Mapping[str, Any]) -> str:
     """Guess which format a (container-free, prefix-free) state dict is in.
-
-    Args:
-        state_dict: Checkpoint tensors by name.
 
     Returns:
         ``"mae"`` when it holds an MAE decoder (``decoder_*`` keys), ``"deit3"`` when it holds LayerScale
         ``gamma_1`` / ``gamma_2``, ``"clip"`` for ``visual.*`` (OpenAI / OpenCLIP) keys or a ``norm_pre`` layer,
         otherwise ``"timm"``.
     """
-    keys = list(state_dict)
-    if any(k.startswith("decoder_") for k in keys):
+    if any(k.startswith("decoder_") for k in state_dict):
         return "mae"
-    if any(_GAMMA_RE.match(k) for k in keys):
+    if any(_GAMMA_RE.match(k) for k in state_dict):
         return "deit3"
-    if any(k.startswith("visual.") for k in keys) or any(k.startswith("norm_pre.") for k in keys):
+    if any(k.startswith(("visual.", "norm_pre.")) for k in state_dict):
         return "clip"
     return "timm"
 
 
-def _convert_mae(sd: dict[str, Tensor], dropped: dict[str, str]) -> dict[str, Tensor]:
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("decoder_") or k == "mask_token":
-            dropped[k] = "MAE decoder (pre-training only)"
-        else:
-            out[k] = v
-    return out
+def _convert_format(sd: dict[str, Tensor], report: LoadReport) -> dict[str, Tensor]:
+    """What timm's filter does not know about the MAE / CLIP / DeiT-III files; the rest is timm's."""
+    drop: dict[str, str] = {}
+    if report.source == "mae":  # facebookresearch/mae pre-training: encoder in timm names + decoder
+        drop = {
+            k: "MAE decoder (pre-training only)" for k in sd if k.startswith("decoder_") or k == "mask_token"
+        }
+    elif report.source == "clip" and any(k.startswith("visual.") for k in sd):
+        # OpenAI / OpenCLIP: timm's filter converts visual.* and silently ignores the rest.
+        drop = {k: "CLIP text tower / not part of the image tower" for k in sd if not k.startswith("visual.")}
+    elif report.source == "deit3":  # facebookresearch/deit keeps LayerScale as blocks.{i}.gamma_1 / gamma_2
+        report.renamed_keys.update({k: _GAMMA_RE.sub(r"\1.ls\2.gamma", k) for k in sd if _GAMMA_RE.match(k)})
+    report.dropped_keys.update(drop)
+    return {report.renamed_keys.get(k, k): v for k, v in sd.items() if k not in drop}
 
 
-def _convert_deit3(sd: dict[str, Tensor], model_keys: set[str], renamed: dict[str, str]) -> dict[str, Tensor]:
-    out = {}
-    for k, v in sd.items():
-        m = _GAMMA_RE.match(k)
-        new = f"{m.group(1)}.ls{m.group(2)}.gamma" if m else k
-        if m and new in model_keys:
-            renamed[k] = new
-            k = new
-        out[k] = v
-    return out
-
-
-def _convert_clip(sd: dict[str, Tensor], dropped: dict[str, str]) -> dict[str, Tensor]:
-    if not any(k.startswith("visual.") for k in sd):
-        return sd  # already the timm image tower layout
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("visual."):
-            out[k] = v  # converted by timm's checkpoint_filter_fn
-        else:
-            dropped[k] = "CLIP text tower / not part of the image tower"
-    return out
-
-
-def _map_final_norm(sd: dict[str, Tensor], model: nn.Module, renamed: dict[str, str]) -> dict[str, Tensor]:
-    """``norm.*`` -> ``fc_norm.*`` for models that pool first and normalise after (timm ``global_pool="avg"``)."""
-    fc_norm, norm = getattr(model, "fc_norm", None), getattr(model, "norm", None)
-    if not (isinstance(fc_norm, nn.LayerNorm) and isinstance(norm, nn.Identity)):
-        return sd
-    if any(k.startswith("fc_norm.") for k in sd):
-        return sd
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("norm."):
-            new = "fc_" + k
-            renamed[k] = new
-            k = new
-        out[k] = v
-    return out
-
-
-def _perfect_square(n: int) -> bool:
+def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
 
 
 def _fix_pos_embed_layout(sd: dict[str, Tensor], model: nn.Module, notes: list[str]) -> None:
-    """Make the checkpoint's class-token slot in ``pos_embed`` match the model's (both conversions are exact).
+    """Give the checkpoint's ``pos_embed`` the model's class-token slot layout (exact both ways).
 
-    timm ViTs add ``pos_embed`` either to the class token too (one slot for it, the usual layout) or only to the
-    patch tokens (``no_embed_class=True``: DeiT-III). Only single-class-token models are handled, and only when the
-    checkpoint's token count is a square grid in the other layout and not in the model's.
+    timm ViTs add ``pos_embed`` to the class token too (one slot for it) or only to the patch tokens
+    (``no_embed_class=True``, DeiT-III); timm's filter resamples but never converts between the two. Done for
+    single-class-token models when the token count is a square grid only in the other layout.
     """
-    pe, cls = sd.get("pos_embed"), sd.get("cls_token")
-    model_pe = getattr(model, "pos_embed", None)
+    pe, cls, model_pe = sd.get("pos_embed"), sd.get("cls_token"), getattr(model, "pos_embed", None)
     if not (
         isinstance(pe, Tensor) and isinstance(cls, Tensor) and isinstance(model_pe, Tensor) and pe.ndim == 3
     ):
         return
     if getattr(model, "num_prefix_tokens", None) != 1 or not getattr(model, "has_class_token", False):
         return
-    model_slots = 0 if getattr(model, "no_embed_class", False) else 1
-    n = pe.shape[1]
-    if _perfect_square(n - model_slots) or n == model_pe.shape[1]:
-        return  # consistent with the model's layout
-    if model_slots == 0 and _perfect_square(n - 1):
-        # x = [cls + p_cls, patches + p] == [cls', patches + p] with cls' = cls + p_cls.
-        sd["cls_token"] = cls + pe[:, :1]
-        sd["pos_embed"] = pe[:, 1:]
+    slots, n = 0 if getattr(model, "no_embed_class", False) else 1, pe.shape[1]
+    if n == model_pe.shape[1] or _is_square(n - slots) or not _is_square(n - 1 + slots):
+        return
+    if slots == 0:  # [cls + p_cls, patches + p] == [cls', patches + p] with cls' = cls + p_cls
+        sd["cls_token"], sd["pos_embed"] = cls + pe[:, :1], pe[:, 1:]
         notes.append(
             "pos_embed had a class-token slot and the model has no_embed_class=True: folded it into cls_token"
         )
-    elif model_slots == 1 and _perfect_square(n):
-        # x = [cls, patches + p] == [cls, patches] + [0, p].
+    else:  # [cls, patches + p] == [cls, patches] + [0, p]
         sd["pos_embed"] = torch.cat([torch.zeros_like(pe[:, :1]), pe], dim=1)
         notes.append(
             "pos_embed had no class-token slot (no_embed_class layout, DeiT-III) and the model has one: added a "
@@ -377,65 +234,85 @@ def _fix_pos_embed_layout(sd: dict[str, Tensor], model: nn.Module, notes: list[s
 def _timm_filter_fn(model: nn.Module) -> Callable[..., dict[str, Tensor]] | None:
     """``checkpoint_filter_fn`` of the timm module defining the model's class (or a base class)."""
     for cls in type(model).__mro__:
-        module_name = getattr(cls, "__module__", "")
-        if not module_name.startswith("timm.models."):
-            continue
-        fn = getattr(sys.modules.get(module_name), "checkpoint_filter_fn", None)
-        if callable(fn):
-            return fn
+        if cls.__module__.startswith("timm.models."):
+            fn = getattr(sys.modules.get(cls.__module__), "checkpoint_filter_fn", None)
+            if callable(fn):
+                return fn
     return None
-
-
-def _resample_pos_embed(v: Tensor, model: nn.Module) -> Tensor | None:
-    """Resample an absolute ``pos_embed`` to the model's patch grid, or None when it cannot be done."""
-    from timm.layers import resample_abs_pos_embed
-
-    model_pe = getattr(model, "pos_embed", None)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if not isinstance(model_pe, Tensor) or grid is None or v.ndim != 3 or v.shape[-1] != model_pe.shape[-1]:
-        return None
-    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
-    if model_pe.shape[1] != grid[0] * grid[1] + prefix or not _perfect_square(v.shape[1] - prefix):
-        return None
-    return resample_abs_pos_embed(v, new_size=list(grid), num_prefix_tokens=prefix, verbose=True)
-
-
-def _resample_patch_kernel(v: Tensor, target: Tensor) -> Tensor | None:
-    from timm.layers import resample_patch_embed
-
-    if v.ndim != 4 or target.ndim != 4 or v.shape[:2] != target.shape[:2]:
-        return None
-    return resample_patch_embed(v, list(target.shape[-2:]), verbose=True)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Classifier
 
 
 def _classifier_prefixes(model: nn.Module) -> list[str]:
     """Module names of the model's classifier(s), from ``pretrained_cfg`` and ``get_classifier()``."""
-    names: set[str] = set()
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    clf = cfg.get("classifier") if isinstance(cfg, Mapping) else None
-    if isinstance(clf, str):
-        names.add(clf)
-    elif isinstance(clf, (list, tuple)):
-        names.update(c for c in clf if isinstance(c, str))
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        heads = get_classifier()
-        heads = heads if isinstance(heads, (list, tuple)) else (heads,)
-        ids = {id(h) for h in heads if isinstance(h, nn.Module)}
-        names.update(name for name, mod in model.named_modules() if name and id(mod) in ids)
+    clf = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    names = {clf} if isinstance(clf, str) else {c for c in clf or () if isinstance(c, str)}
+    heads = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else ()
+    ids = {
+        id(h) for h in (heads if isinstance(heads, (list, tuple)) else (heads,)) if isinstance(h, nn.Module)
+    }
+    names.update(name for name, mod in model.named_modules() if name and id(mod) in ids)
     return sorted(names)
 
 
-def _is_under(key: str, prefixes: Iterable[str]) -> bool:
-    return any(key.startswith(p + ".") for p in prefixes)
+def _select(
+    sd: dict[str, Tensor],
+    model: nn.Module,
+    model_sd: dict[str, Tensor],
+    exclude: Sequence[str],
+    report: LoadReport,
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Drop what must not be loaded (with the reason) and record which model keys stay fresh on purpose.
+
+    Returns:
+        The tensors to load and, separately, the ones dropped because their shape does not fit the model.
+    """
+    drop = {k: _EXCLUDED for k in sd if _is_under(k, exclude)}
+    report.kept_fresh = [k for k in model_sd if _is_under(k, exclude)]
+    if isinstance(getattr(model, "norm", None), nn.Identity):  # global_pool="avg" with fc_norm
+        drop.update({k: _FRESH_FC_NORM for k in sd if _is_under(k, ["norm"])})
+        report.kept_fresh += [k for k in model_sd if _is_under(k, ["fc_norm"]) and k not in sd]
+    heads = _classifier_prefixes(model)
+    report.head_keys = [k for k in model_sd if _is_under(k, heads)]
+    mismatched = {}
+    for k, v in sd.items():
+        target = model_sd.get(k)
+        if k in drop or (target is not None and v.shape == target.shape):
+            continue
+        if _is_under(k, heads) and target is None:
+            drop[k] = "classifier the model does not have (e.g. num_classes=0)"
+        elif _is_under(k, heads):
+            drop[k] = (
+                f"classifier of another shape ({list(v.shape)} vs the model's {list(target.shape)}, different "
+                "num_classes): the model keeps its own freshly initialised head"
+            )
+        elif target is not None:
+            mismatched[k] = f"shape {list(v.shape)} does not match the model's {list(target.shape)}"
+    report.dropped_keys.update({**drop, **mismatched})
+    return {k: v for k, v in sd.items() if k not in drop and k not in mismatched}, mismatched
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Public entry point
+def _check_coverage(
+    sd: dict[str, Tensor],
+    model_sd: dict[str, Tensor],
+    mismatched: dict[str, str],
+    report: LoadReport,
+    strict: bool,
+) -> None:
+    """Refuse, before anything is loaded, a checkpoint of another architecture (or any gap with ``strict``)."""
+    expected = set(report.head_keys) | set(report.kept_fresh)
+    encoder = [k for k in model_sd if k not in expected]
+    missing = [k for k in encoder if k not in sd]
+    if encoder and len(encoder) - len(missing) < _MIN_COVERAGE * len(encoder):
+        foreign = [k for k in sd if k not in model_sd] + [f"{k} ({r})" for k, r in mismatched.items()]
+        raise ValueError(
+            f"{report.path} matches only {len(encoder) - len(missing)} of the model's {len(encoder)} non-classifier "
+            f"tensors (source {report.source!r}): probably the wrong model name / size or the wrong source. Model "
+            f"keys not in the checkpoint: {_listed(missing, 5)}. Checkpoint keys not in the model: {_listed(foreign, 5)}."
+        )
+    if strict and missing:
+        raise RuntimeError(
+            f"strict_encoder=True: {len(missing)} non-classifier tensor(s) of the model are missing from "
+            f"{report.path}: {', '.join(missing)}"
+        )
 
 
 def load_pretrained(
@@ -443,6 +320,7 @@ def load_pretrained(
     path: str | os.PathLike,
     *,
     source: Source = "auto",
+    exclude: Sequence[str] = (),
     strict_encoder: bool = False,
 ) -> LoadReport:
     """Load a local MAE / CLIP / DeiT-III / timm checkpoint into ``model`` (in place).
@@ -452,171 +330,74 @@ def load_pretrained(
             ``num_classes``, ``img_size``, ``global_pool``, ...).
         path: A ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` / ``.safetensors`` file.
         source: The checkpoint's format, or ``"auto"`` to detect it from the key names (:func:`detect_source`).
-        strict_encoder: Raise when any model tensor outside the classifier gets no checkpoint tensor.
+        exclude: Module / tensor names (model names, after conversion) whose checkpoint tensors are not loaded:
+            ``["norm"]`` keeps the final norm fresh (``"norm"`` matches ``norm.weight``, not ``norm_pre.weight``).
+        strict_encoder: Raise when a model tensor outside the classifier and ``exclude`` gets no checkpoint tensor.
 
     Returns:
         A :class:`LoadReport`; ``str(report)`` is a readable summary.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: Unknown suffix or source, a file that is not a state dict, or a checkpoint that covers less than
-            half of the model's non-classifier tensors (probably the wrong model name or source).
+        ValueError: Unknown suffix, source or ``exclude`` name, an unreadable file, or a checkpoint that covers less
+            than half of the model's non-classifier tensors (probably the wrong model name or source).
         pickle.UnpicklingError: The pickle holds objects other than tensors and plain containers.
         RuntimeError: ``strict_encoder=True`` and some non-classifier tensors are missing.
     """
-    path = Path(path)
-    if source not in get_args(Source):
-        raise ValueError(f"Unknown source {source!r}; expected one of {', '.join(get_args(Source))}.")
-    if not path.is_file():
-        raise FileNotFoundError(f"Pre-trained weights file not found: {path}")
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise ValueError(
-            f"Unsupported weights file suffix {path.suffix!r} ({path}); expected one of "
-            f"{', '.join(SUPPORTED_SUFFIXES)}."
-        )
-
-    model_sd = model.state_dict()
-    model_keys = set(model_sd)
-    dropped: dict[str, str] = {}
-    renamed: dict[str, str] = {}
-    notes: list[str] = []
-
-    sd, trail = _unwrap_container(_read_file(path), path)
-    if trail:
-        notes.append(f"unwrapped container {' -> '.join(repr(t) for t in trail)}")
-    for k in [k for k, v in sd.items() if not isinstance(v, Tensor)]:
-        dropped[k] = f"not a tensor ({type(sd.pop(k)).__name__})"
-    sd, stripped = _strip_prefixes(sd, model_keys, dropped)
-    if stripped:
-        notes.append(f"stripped key prefix(es) {', '.join(repr(p) for p in stripped)}")
-
-    resolved = detect_source(sd) if source == "auto" else source
-    if resolved == "mae":
-        sd = _convert_mae(sd, dropped)
-    elif resolved == "deit3":
-        sd = _convert_deit3(sd, model_keys, renamed)
-    elif resolved == "clip":
-        sd = _convert_clip(sd, dropped)
-    sd = _map_final_norm(sd, model, renamed)
-    original_shapes = {k: _shape(v) for k, v in sd.items()}
-    _fix_pos_embed_layout(sd, model, notes)
-
-    # timm's own conversions for the model's family (resampling, OpenAI CLIP names, ...); idempotent on timm keys.
-    filter_fn = _timm_filter_fn(model)
-    if filter_fn is not None:
-        before = set(sd)
-        fn_name = f"{filter_fn.__module__}.{filter_fn.__name__}"
+    path, model_sd = Path(path), model.state_dict()
+    _check_arguments(path, source, exclude, model_sd)
+    report = LoadReport(path=str(path), source=source)
+    sd = _read(path, set(model_sd), report)
+    report.source = detect_source(sd) if source == "auto" else source
+    sd = _convert_format(sd, report)
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    _fix_pos_embed_layout(sd, model, report.notes)
+    if (filter_fn := _timm_filter_fn(model)) is not None:
+        name = f"{filter_fn.__module__}.{filter_fn.__name__}"
         try:
-            sd = dict(filter_fn(dict(sd), model))
+            filtered = dict(filter_fn(dict(sd), model))
         except Exception as err:
             raise ValueError(
-                f"timm's {fn_name} could not convert {path} for {type(model).__name__} (source {resolved!r}): "
-                f"{err}. Is the model name / size right for this checkpoint?"
+                f"timm's {name} could not convert {path} for {type(model).__name__}: {err}"
             ) from err
-        for k in sorted(before - set(sd)):
-            dropped[k] = f"converted or removed by {fn_name}"
-
-    # Generic resampling for what is still mismatched (models without a timm filter).
-    for k, v in list(sd.items()):
-        target = model_sd.get(k)
-        if target is None or _shape(v) == _shape(target):
-            continue
-        new = None
-        if k == "pos_embed":
-            new = _resample_pos_embed(v, model)
-        elif k.endswith("patch_embed.proj.weight"):
-            new = _resample_patch_kernel(v, target)
-        if new is not None:
-            sd[k] = new
-
-    # Classifier: keep the checkpoint's only when it fits; the model's fresh head otherwise.
-    head_prefixes = _classifier_prefixes(model)
-    head_keys = [k for k in model_sd if _is_under(k, head_prefixes)]
-    for k in [k for k in sd if _is_under(k, head_prefixes)]:
-        v = sd[k]
-        if k not in model_keys:
-            dropped[k] = "classifier the model does not have (e.g. num_classes=0)"
-            del sd[k]
-        elif _shape(v) != _shape(model_sd[k]):
-            dropped[k] = (
-                f"classifier of another shape ({list(v.shape)} vs the model's {list(model_sd[k].shape)}, "
-                "different num_classes): the model keeps its own freshly initialised head"
-            )
-            del sd[k]
-
-    # Anything else that still does not fit cannot be loaded.
-    mismatched: dict[str, str] = {}
-    for k in [k for k in sd if k in model_keys and _shape(sd[k]) != _shape(model_sd[k])]:
-        mismatched[k] = f"shape {list(sd[k].shape)} does not match the model's {list(model_sd[k].shape)}"
-        del sd[k]
-    dropped.update(mismatched)
-
-    resized = {
-        k: (original_shapes[k], _shape(v))
-        for k, v in sd.items()
-        if k in model_keys and k in original_shapes and original_shapes[k] != _shape(v)
-    }
-    # Model keys in the model's own order (reads like the architecture), checkpoint keys in the file's order.
-    loaded = [k for k in model_sd if k in sd]
-    missing = [k for k in model_sd if k not in sd]
-    unexpected = [k for k in sd if k not in model_keys]
-    report = LoadReport(
-        path=str(path),
-        source=resolved,
-        loaded_keys=loaded,
-        missing_keys=missing,
-        unexpected_keys=unexpected,
-        dropped_keys=dropped,
-        resized_keys=resized,
-        renamed_keys=renamed,
-        head_keys=head_keys,
-        notes=notes,
-    )
-    _add_hints(report, model)
-
-    encoder_keys = [k for k in model_sd if k not in set(head_keys)]
-    covered = [k for k in encoder_keys if k in sd]
-    if encoder_keys and len(covered) < _MIN_COVERAGE * len(encoder_keys):
-        not_in_model = unexpected + [f"{k} ({r})" for k, r in mismatched.items()]
-        raise ValueError(
-            f"{path} matches only {len(covered)} of the model's {len(encoder_keys)} non-classifier tensors "
-            f"(source {resolved!r}, model {type(model).__name__}): probably the wrong model name / size or the "
-            f"wrong source. Model keys not in the checkpoint: {_head_of_list(report.missing_encoder_keys, 5)}. "
-            f"Checkpoint keys not in the model: {_head_of_list(not_in_model, 5)}."
+        report.dropped_keys.update(
+            dict.fromkeys(sorted(sd.keys() - filtered.keys()), f"converted or removed by {name}")
         )
-    if strict_encoder and report.missing_encoder_keys:
-        raise RuntimeError(
-            f"strict_encoder=True: {len(report.missing_encoder_keys)} non-classifier tensor(s) of the model are "
-            f"missing from {path}: {', '.join(report.missing_encoder_keys)}"
-        )
+        sd = filtered
+    if report.source == "mae" and not isinstance(getattr(model, "norm", None), nn.Identity):
+        report.notes.append("MAE fine-tuning pools with global average pooling: consider global_pool='avg'")
+    sd, mismatched = _select(sd, model, model_sd, exclude, report)
+    _check_coverage(sd, model_sd, mismatched, report, strict_encoder)
 
-    model.load_state_dict({k: sd[k] for k in loaded}, strict=False)
-
+    result = model.load_state_dict(sd, strict=False)
+    report.missing_keys = [k for k in model_sd if k in set(result.missing_keys)]
+    report.loaded_keys = [k for k in model_sd if k not in set(result.missing_keys)]
+    report.unexpected_keys = list(result.unexpected_keys)
+    shapes = {k: (shapes[k], tuple(sd[k].shape)) for k in report.loaded_keys if k in shapes}
+    report.resized_keys = {k: (a, b) for k, (a, b) in shapes.items() if a != b}
     if report.missing_encoder_keys or report.unexpected_keys:
         _logger.warning(
-            "Pre-trained weights %s: %d missing key(s): %s; %d unexpected key(s): %s",
-            path,
-            len(report.missing_keys),
-            _head_of_list(report.missing_keys),
-            len(report.unexpected_keys),
-            _head_of_list(report.unexpected_keys),
-        )
+            "Pre-trained weights %s: %d missing key(s): %s; %d unexpected key(s): %s", path,
+            len(report.missing_encoder_keys), _listed(report.missing_encoder_keys),
+            len(report.unexpected_keys), _listed(report.unexpected_keys),
+        )  # fmt: skip
     _logger.info("%s", report)
     return report
 
 
-def _add_hints(report: LoadReport, model: nn.Module) -> None:
-    """Notes for the common mismatches between a recipe's checkpoint and the model built for it."""
-    missing = set(report.missing_keys)
-    if any(_GAMMA_RE.match(k) or k.endswith((".ls1.gamma", ".ls2.gamma")) for k in report.unexpected_keys):
-        report.notes.append(
-            "the checkpoint has LayerScale but the model does not: build it with init_values (timm deit3_* models)"
+def _check_arguments(path: Path, source: str, exclude: Sequence[str], model_sd: Mapping[str, Tensor]) -> None:
+    if source not in get_args(Source):
+        raise ValueError(f"Unknown source {source!r}; expected one of {', '.join(get_args(Source))}.")
+    if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
+        raise ValueError(f"exclude must be a list of module names such as ['norm'], got {exclude!r}")
+    if unknown := [e for e in exclude if not any(_is_under(k, [e]) for k in model_sd)]:
+        raise ValueError(
+            f"exclude names {unknown} match no tensor of the model; its top-level modules are "
+            f"{sorted({k.split('.')[0] for k in model_sd})}"
         )
-    if any(k.endswith((".ls1.gamma", ".ls2.gamma")) for k in missing):
-        report.notes.append("the model has LayerScale (init_values) but the checkpoint does not")
-    if any(k.startswith("norm_pre.") for k in report.unexpected_keys):
-        report.notes.append(
-            "the checkpoint has a pre-norm (CLIP): build the model with pre_norm=True (*_clip_* models)"
+    if not path.is_file():
+        raise FileNotFoundError(f"Pre-trained weights file not found: {path}")
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise ValueError(
+            f"Unsupported weights file suffix {path.suffix!r} ({path}); expected one of {', '.join(SUPPORTED_SUFFIXES)}."
         )
-    if report.source == "mae" and not isinstance(getattr(model, "fc_norm", None), nn.LayerNorm):
-        report.notes.append("MAE fine-tuning pools with global average pooling: consider global_pool='avg'")

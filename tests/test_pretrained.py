@@ -73,28 +73,36 @@ def test_mae_pretrain_checkpoint_loads_every_encoder_tensor(tmp_path):
     assert isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.LayerNorm)
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
 
+    fresh = tiny_vit(num_classes=7, global_pool="avg").fc_norm.state_dict()
     report = load_pretrained(model, path, strict_encoder=True)
 
     after = model.state_dict()
     for key, value in encoder_sd.items():
-        target = "fc_" + key if key.startswith("norm.") else key
-        assert torch.equal(after[target], value), key
-    assert torch.equal(after["fc_norm.weight"], encoder_sd["norm.weight"])
+        if not key.startswith("norm."):
+            assert torch.equal(after[key], value), key
+    # MAE fine-tuning builds fc_norm fresh (weight 1, bias 0); the encoder's final norm is not used.
+    assert torch.equal(after["fc_norm.weight"], fresh["weight"]) and torch.equal(after["fc_norm.bias"], fresh["bias"])
+    assert torch.equal(after["fc_norm.weight"], torch.ones(DIM)) and not torch.equal(
+        after["fc_norm.weight"], encoder_sd["norm.weight"]
+    )
     assert torch.equal(model.head.weight, head_before["weight"])
     assert torch.equal(model.head.bias, head_before["bias"])
     assert model.head.weight.shape == (7, DIM)
 
     assert report.source == "mae"
-    assert set(report.dropped_keys) == set(decoder)
-    assert all("MAE decoder" in reason for reason in report.dropped_keys.values())
-    assert report.renamed_keys == {"norm.weight": "fc_norm.weight", "norm.bias": "fc_norm.bias"}
-    assert report.missing_keys == ["head.weight", "head.bias"]
+    assert set(report.dropped_keys) == set(decoder) | {"norm.weight", "norm.bias"}
+    assert all("MAE decoder" in report.dropped_keys[k] for k in decoder)
+    assert all("fc_norm is built fresh" in report.dropped_keys[k] for k in ("norm.weight", "norm.bias"))
+    assert report.renamed_keys == {}
+    assert report.missing_keys == ["fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"]
+    assert report.kept_fresh == ["fc_norm.weight", "fc_norm.bias"]
     assert report.missing_encoder_keys == []
     assert report.head_replaced
     assert report.unexpected_keys == []
-    assert len(report.loaded_keys) == len(after) - 2
+    assert len(report.loaded_keys) == len(after) - 4
     text = str(report)
-    assert "MAE decoder" in text and "norm.weight -> fc_norm.weight" in text and "head.weight" in text
+    assert "MAE decoder" in text and "fc_norm is built fresh, as MAE fine-tuning does: norm.weight" in text
+    assert "kept at their fresh initialisation: fc_norm.weight, fc_norm.bias" in text and "head.weight" in text
 
 
 def test_mae_finetuned_checkpoint_with_fc_norm_and_head_loads_whole_model(tmp_path):
@@ -115,15 +123,7 @@ def test_mae_finetuned_checkpoint_with_fc_norm_and_head_loads_whole_model(tmp_pa
 # Resolution / patch size changes
 
 
-@pytest.fixture(params=["timm_filter", "own_resampling"])
-def resampler(request, monkeypatch):
-    """Run a test through timm's checkpoint_filter_fn and through the fallback used for models without one."""
-    if request.param == "own_resampling":
-        monkeypatch.setattr(pretrained, "_timm_filter_fn", lambda model: None)
-    return request.param
-
-
-def test_pos_embed_resized_to_new_grid_class_token_slot_kept(tmp_path, resampler):
+def test_pos_embed_resized_to_new_grid_class_token_slot_kept(tmp_path):
     src = randomize(tiny_vit(img_size=32))  # grid 4x4
     src_pe = src.pos_embed.detach().clone()
     path = tmp_path / "vit_32.pth"
@@ -142,7 +142,7 @@ def test_pos_embed_resized_to_new_grid_class_token_slot_kept(tmp_path, resampler
     assert model(torch.randn(2, 3, 48, 48)).shape == (2, 10)
 
 
-def test_deit3_checkpoint_gamma_mapped_and_finetuned_at_higher_resolution(tmp_path, resampler):
+def test_deit3_checkpoint_gamma_mapped_and_finetuned_at_higher_resolution(tmp_path):
     # DeiT-III (facebookresearch/deit layout): LayerScale as gamma_1 / gamma_2, pos_embed without class slot,
     # pre-trained at a lower resolution (192 -> 224 in the recipe; 32 -> 48 here).
     src = randomize(tiny_vit("deit3_small_patch16_224", img_size=32))
@@ -191,7 +191,7 @@ def test_pos_embed_class_slot_layout_conversion_is_exact(tmp_path, direction):
     assert report.notes and "class-token slot" in " ".join(report.notes)
 
 
-def test_patch_kernel_resampled_for_a_different_patch_size(tmp_path, resampler):
+def test_patch_kernel_resampled_for_a_different_patch_size(tmp_path):
     src = randomize(tiny_vit(patch_size=8))
     src_kernel = src.patch_embed.proj.weight.detach().clone()
     path = tmp_path / "p8.pth"
