@@ -14,8 +14,8 @@ module reads (tests/test_recipes.py checks it against the resolved config, so it
     #   sub_branch: mask                         == model.init_args.sub_branch ("none": the baseline arm)
     #   global_batch: 512                        == data.batch_size x trainer.devices x trainer.num_nodes
     #   top1: {masksub: 84.1, baseline: 83.5}    the paper's ImageNet top-1 of both arms, or null
-    #   paper: method.md headline results, ...   where top1 comes from (or why there is none)
-    #   source: method.md "DeiT-III fine-tune at 224" ...   where the hyperparameters come from
+    #   paper: docs/method.md headline results, ...   where top1 comes from (or why there is none)
+    #   source: docs/method.md "DeiT-III fine-tune at 224" ...   where the hyperparameters come from
     #   twin: deit3/vit_base_400ep_ft224_baseline.yaml      the other arm (same run, other sub-branch)
     #   pretrained_from: deit3/vit_base_400ep.yaml          optional: the recipe whose checkpoint this one loads
     #   result_after: deit3/vit_base_400ep_ft224.yaml       optional: the later stage that yields the paper number
@@ -93,7 +93,7 @@ class Recipe:
         if self.result_after:
             return f"stage 1: top-1 after {self.result_after}"
         if self.top1 is None:
-            return "no paper number in method.md"
+            return "no paper number in docs/method.md"
         return ""
 
 

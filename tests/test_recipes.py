@@ -3,7 +3,7 @@
 * every recipe parses through the `masksub` CLI parser, and its `# recipe:` header agrees with the resolved config
   (epochs, sub-branch, global batch, twin, stages);
 * the DeiT-III, MAE, RSB and Swin recipes carry the hyperparameters of docs/method.md, encoded below as tables, and
-  every recipe's paper top-1 is the one of method.md's results table;
+  every recipe's paper top-1 is the one of docs/method.md's results table;
 * every recipe trains two optimizer steps on CPU through `masksub fit` with its own hyperparameters (optimizer, lr
   schedule, loss, mixup / cutmix, repeated aug, sub-branch kind, layer decay, EMA, pre-trained weights in the
   recipe's format) on a shrunken member of its model family, with fake data written in its dataset's real layout;
@@ -226,10 +226,10 @@ def assert_subset(actual: dict[str, Any], expected: dict[str, Any], what: str) -
         assert key in actual, f"{what}: {key} missing"
         if isinstance(value, float):
             assert actual[key] == pytest.approx(value, rel=1e-9), (
-                f"{what}: {key}={actual[key]!r}, method.md: {value}"
+                f"{what}: {key}={actual[key]!r}, docs/method.md: {value}"
             )
         else:
-            assert actual[key] == value, f"{what}: {key}={actual[key]!r}, method.md: {value!r}"
+            assert actual[key] == value, f"{what}: {key}={actual[key]!r}, docs/method.md: {value!r}"
 
 
 # ----------------------------------------------------------------------------------------- layout and headers
@@ -341,13 +341,13 @@ def test_paper_numbers_are_those_of_method_md():
             assert BY_PATH[path].top1 == {"masksub": masksub, "baseline": baseline}, path
         assert BY_PATH[f"{rid}.yaml"].target_top1 == masksub
         assert BY_PATH[f"{rid}_baseline.yaml"].target_top1 == baseline
-    # Rows whose numbers method.md does not record say so instead of inventing them.
+    # Rows whose numbers docs/method.md does not record say so instead of inventing them.
     for recipe in RECIPES:
         if recipe.top1 is None:
-            assert recipe.result_after or "not in method.md" in recipe.paper, recipe.path
+            assert recipe.result_after or "not in docs/method.md" in recipe.paper, recipe.path
 
 
-# ------------------------------------------------------------------------------------- hyperparameters vs method.md
+# ------------------------------------------------------------------------------------- hyperparameters vs docs/method.md
 @pytest.mark.parametrize("row", sorted(DEIT3), ids=lambda row: f"{row[0]}_{row[1]}ep")
 def test_deit3_recipes_follow_method_md(parser, row):
     timm_name, size, lr, wd, drop_path, gpus, per_gpu = DEIT3[row]
