@@ -7,7 +7,7 @@
 * ``count_step_flops``: model FLOPs of one MaskSub step, per branch, with ``FlopCounterMode``;
 * round-robin interleaving of variants, ratio statistics, a text table and the final JSON line.
 
-Scripts run as ``python benchmarks/X.py``; Python puts ``benchmarks/`` on ``sys.path``, so ``import _common`` works.
+Scripts run as ``python benchmarks/<script>.py``; Python puts ``benchmarks/`` on ``sys.path``, so ``import _common`` works.
 """
 
 from __future__ import annotations
@@ -122,6 +122,14 @@ def build_module(
         compile=compile,
         channels_last=channels_last,
     )
+
+
+def channels_last_for(spec: ModelSpec, mode: str) -> bool:
+    """``mode`` "on" / "off", or "auto": channels-last for CNNs only. A model built for a fixed input size
+    (``img_size`` in its kwargs: position embeddings) is taken for a transformer, where it buys nothing."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"channels-last mode must be 'auto', 'on' or 'off', got {mode!r}")
+    return mode == "on" or (mode == "auto" and "img_size" not in spec.model_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -292,7 +300,15 @@ def interleave(variants: dict[str, Callable[[], float]], rounds: int) -> dict[st
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
+            start = time.perf_counter()
             times[name].append(variants[name]())
+            # Progress with the fit's wall time (the first fit of a compiled module includes compilation):
+            # a run cut short by a time limit still leaves its finished measurements in the log.
+            print(
+                f"  round {r + 1}/{rounds} {name}: {times[name][-1]:.5f} s/step "
+                f"(fit wall {time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
     return times
 
 
@@ -414,7 +430,13 @@ def measure_models(
     for name in args.model:
         spec = resolve_spec(name, args.img_size, args.batch_size)
         print(f"measuring {spec.label}, batch {spec.batch_size} ...", flush=True)
+        start = time.perf_counter()
         results.append(measure(spec, args, device))
+        # One line per model as soon as it is done (kept if a later model runs past a time limit).
+        print(
+            f"done {spec.label} in {time.perf_counter() - start:.1f} s: {json.dumps(results[-1], default=float)}",
+            flush=True,
+        )
     return results
 
 

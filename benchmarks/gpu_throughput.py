@@ -21,8 +21,10 @@ ahead of the GPU as in real training. ``--sync-debug`` also counts host-device s
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import time
 import warnings
 
 import _common as C
@@ -84,8 +86,7 @@ def host_syncs_per_step(module, batch, device, precision: str, warmup: int, step
 
 def measure(name: str, args, device) -> tuple[list[dict], dict]:
     spec = C.resolve_spec(name, args.img_size, args.batch_size or (None if args.smoke else DEFAULT_BATCH))
-    is_transformer = "img_size" in spec.model_kwargs  # fixed input size: position embeddings
-    channels_last = {"auto": not is_transformer, "on": True, "off": False}[args.channels_last]
+    channels_last = C.channels_last_for(spec, args.channels_last)
     opts = dict(compile=args.compile, channels_last=channels_last, fused_adamw=True)
     modules = {
         "masksub": C.build_module(spec, "mask", **opts),
@@ -93,6 +94,11 @@ def measure(name: str, args, device) -> tuple[list[dict], dict]:
     }
     batch = C.make_batch(spec, device, channels_last=channels_last)
     flops = {v: C.count_step_flops(m, batch)["total"] for v, m in modules.items()}  # eager, before compiling
+    print(
+        f"  {spec.label} batch {spec.batch_size}: TFLOP/step masksub {flops['masksub'] / 1e12:.3f}, "
+        f"baseline {flops['baseline'] / 1e12:.3f}",
+        flush=True,
+    )
 
     timed = dict(
         device=device, precision=args.precision, warmup=args.warmup, steps=args.steps, sync_every_step=False
@@ -109,6 +115,9 @@ def measure(name: str, args, device) -> tuple[list[dict], dict]:
     if args.sync_debug and device.type == "cuda":
         for variant in ("masksub", "baseline"):
             syncs[variant] = host_syncs_per_step(modules[variant], batch, device, args.precision, args.warmup)
+            print(
+                f"  host syncs per step inside the training step, {variant}: {syncs[variant]:.2f}", flush=True
+            )
 
     peak = peak_flops(device, args.peak_flops)
     rows = []
@@ -197,9 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     rows, ratios = [], []
     for name in args.model:
         print(f"measuring {name} ...", flush=True)
+        start = time.perf_counter()
         model_rows, model_ratios = measure(name, args, device)
         rows += model_rows
         ratios.append(model_ratios)
+        # Per model as soon as it is done (kept if a later model runs past a time limit).
+        print(f"done {name} in {time.perf_counter() - start:.1f} s: {json.dumps(model_ratios)}", flush=True)
 
     C.print_table(
         "Throughput (median over rounds)",

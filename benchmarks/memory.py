@@ -158,11 +158,12 @@ def measure_once(module, batch, device, precision: str, warmup: int, steps: int)
 
 
 def measure(spec: C.ModelSpec, args, device) -> dict:
+    channels_last = C.channels_last_for(spec, args.channels_last)
     modules = {
-        variant: C.build_module(spec, kind, channels_last=args.channels_last, sub_ratio=args.sub_ratio)
+        variant: C.build_module(spec, kind, channels_last=channels_last, sub_ratio=args.sub_ratio)
         for variant, kind in (("baseline", "none"), ("masksub", "mask"))
     }
-    batch = C.make_batch(spec, device, channels_last=args.channels_last)
+    batch = C.make_batch(spec, device, channels_last=channels_last)
     steps = {variant: [] for variant in modules}
     for r in range(args.rounds):  # alternate, as for timings (memory should not drift, this shows if it does)
         for variant in modules if r % 2 == 0 else reversed(modules):
@@ -181,6 +182,7 @@ def measure(spec: C.ModelSpec, args, device) -> dict:
     return {
         "model": spec.label,
         "batch_size": spec.batch_size,
+        "channels_last": channels_last,
         "baseline_start_mib": base_start / MiB,
         "baseline_peak_mib": base_peak / MiB,
         "masksub_main_peak_mib": worst("masksub", "main_peak") / MiB,
@@ -204,7 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--sub-ratio", type=float, default=0.5)
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--channels-last",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=["auto", "on", "off"],
+        help="channels-last network and inputs; bare flag: on; auto: CNNs only (for a ViT and a CNN in one run)",
+    )
     C.add_common_args(parser, rounds=2, warmup=2, steps=2)
     args = parser.parse_args(argv)
     if args.smoke:

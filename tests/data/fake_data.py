@@ -1,6 +1,6 @@
 """Writers of tiny copies of every supported dataset, in the dataset's real on-disk format.
 
-(A helper module rather than tests/data/conftest.py: the suite's top-level tests import ``conftest`` by name,
+(A helper module rather than a conftest.py in tests/data/: the suite's top-level tests import ``conftest`` by name,
 and a second conftest.py here would shadow it.)
 
 Every image is a solid colour that encodes its label (``color_of(label)``), so a test can decode the label
