@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from masksub_lightning import guards, network
+from masksub_lightning import guards, network, resume
 from masksub_lightning.losses import MaskSubLoss
 from masksub_lightning.optim import (
     build_optimizer,
@@ -266,6 +266,8 @@ class MaskSubModule(L.LightningModule):
         return int(batch_size) * self.trainer.world_size * self.hparams.get("grad_accumulation", 1)
 
     def on_train_start(self) -> None:
+        if resume.restore_rng_states(self):  # a resume: each rank continues its saved random streams
+            return
         # Lightning seeds every rank alike; masks and mixup draws must differ across ranks (timm and DeiT seed
         # by rank too). Parameters are unaffected: DDP broadcast them from rank 0 already.
         if self.trainer.world_size > 1:
@@ -273,6 +275,21 @@ class MaskSubModule(L.LightningModule):
             torch.manual_seed(seed)
             np.random.seed(seed)
             random.seed(seed)
+
+    # Exact resume (masksub_lightning.resume): every rank's RNG states travel in the checkpoint, and validation
+    # inside fit leaves them untouched.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        resume.save_rng_states(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        resume.stash_rng_states(self, checkpoint)  # put back in on_train_start, after Lightning's set-up
+
+    def on_validation_model_zero_grad(self) -> None:
+        super().on_validation_model_zero_grad()
+        resume.pause_rng(self)
+
+    def on_validation_epoch_end(self) -> None:
+        resume.resume_rng(self)
 
     # ---------------------------------------------------------------------------------------------- training
     def forward(self, images: Tensor) -> Tensor:

@@ -1,0 +1,290 @@
+"""Exact resume: every rank's random streams travel in the checkpoint, and validation does not consume them.
+
+A MaskSub step draws from the global random generators: the sub-branch masks from torch's, Mixup / CutMix from
+numpy's (and torch's), main-process augmentations (``num_workers=0``) from torch's and Python's. Lightning saves
+weights, optimizer, schedule, loop counters and (with a stateful train loader) the loader position, but no RNG
+state, so a resumed run draws different masks and mixing coefficients from the interrupted one. This module adds
+the missing pieces; ``MaskSubModule`` calls it from its checkpoint and validation hooks:
+
+    on_save_checkpoint          save_rng_states      every rank's states, gathered: checkpoint[RNG_KEY][rank]
+    on_load_checkpoint          stash_rng_states     keeps this rank's entry for later
+    on_train_start              restore_rng_states   puts it back after Lightning's set-up (and instead of the
+                                                     module's per-rank re-seeding)
+    on_validation_model_zero_grad / on_validation_epoch_end
+                                pause_rng / resume_rng   validation inside fit leaves the streams where it found
+                                                     them (the validation loader draws a seed from torch's RNG
+                                                     each time it is iterated; Lightning skips or re-runs that
+                                                     validation on resume, which would shift every later draw)
+
+Everything stored is a tensor, an int, a float, a string or a list / dict of those, so the checkpoint stays
+loadable with ``torch.load(..., weights_only=True)``.
+
+:class:`ResumeCheckpoint` writes the checkpoint to resume from: ``resume.ckpt`` every N optimizer steps (mid-epoch
+included) and at the step boundary where a SIGTERM is noticed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+#: Checkpoint key of the per-rank RNG states: a list indexed by global rank.
+RNG_KEY = "masksub_rng_states"
+
+_PENDING = "_masksub_rng_pending"  # this rank's saved states, waiting for on_train_start
+_PAUSED = "_masksub_rng_paused"  # the training streams while validation runs
+
+
+# --------------------------------------------------------------------------------------- one process's states
+def capture_rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and every initialised CUDA device), numpy and Python random states."""
+    np_state = np.random.get_state(legacy=False)
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`capture_rng_state` returned (CUDA states only if the device count matches)."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": np_state["bit_generator"],
+            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            rank_zero_warn(
+                f"the checkpoint holds the CUDA RNG states of {len(cuda)} devices but this process sees "
+                f"{torch.cuda.device_count()}: CUDA random streams are not restored"
+            )
+
+
+# ------------------------------------------------------------------------------------ checkpoint hooks
+def gather_rng_states(trainer: L.Trainer, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's ``state`` as a list indexed by global rank (a collective: all ranks must call it)."""
+    strategy = trainer.strategy
+    if trainer.world_size == 1:
+        return [state]
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(
+            f"{type(strategy).__name__} runs {trainer.world_size} processes without torch.distributed: "
+            "per-rank RNG states cannot be gathered"
+        )
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, _to_cpu(state))
+    return gathered
+
+
+def save_rng_states(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """``on_save_checkpoint``: store every rank's training RNG states under :data:`RNG_KEY`.
+
+    Called on every rank (Lightning's ``save_checkpoint`` is collective; rank 0 writes the file). While
+    validation runs inside fit the training streams are the paused ones, not the current ones.
+    """
+    trainer = module._trainer  # the property raises when detached
+    if trainer is None:
+        return
+    state = getattr(module, _PAUSED, None) or capture_rng_state()
+    checkpoint[RNG_KEY] = gather_rng_states(trainer, state)
+
+
+def stash_rng_states(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """``on_load_checkpoint``: keep this rank's saved states until :func:`restore_rng_states`."""
+    states = checkpoint.get(RNG_KEY)
+    setattr(module, _PENDING, None)
+    if states is None:
+        return
+    trainer = module._trainer  # the property raises when detached (load_from_checkpoint)
+    if trainer is None:
+        return
+    if len(states) != trainer.world_size:
+        rank_zero_warn(
+            f"the checkpoint holds RNG states of {len(states)} rank(s) but this run has {trainer.world_size}: "
+            "training resumes with freshly seeded random streams (weights, optimizer and schedule are "
+            "restored; the masks and mixing draws differ from an uninterrupted run)"
+        )
+        return
+    setattr(module, _PENDING, states[trainer.global_rank])
+
+
+def restore_rng_states(module: L.LightningModule) -> bool:
+    """``on_train_start``: put this rank's saved states back; True if there were some (the run is a resume).
+
+    Lightning calls ``on_train_start`` after the checkpoint is restored and the sanity check has run (inside its
+    own RNG isolation), right before the first batch is drawn: the same point the states were captured at.
+    """
+    restore_pending_loader_state(module.trainer)
+    state = getattr(module, _PENDING, None)
+    if state is None:
+        return False
+    set_rng_state(state)
+    setattr(module, _PENDING, None)
+    return True
+
+
+def restore_pending_loader_state(trainer: L.Trainer) -> bool:
+    """Load the train loader's saved position if Lightning skipped it; True if it did.
+
+    Lightning loads a stateful loader's state only when it builds the train loader after the checkpoint is
+    restored. Asking for ``trainer.estimated_stepping_batches`` or calling ``fit_loop.setup_data()`` in
+    ``configure_optimizers`` (as the LR schedule needs) builds it earlier, and the saved position is then
+    silently dropped: the resumed epoch starts again from its first batch (Lightning issue #20550). This loads
+    the pending state and re-creates the loader's iterator, as Lightning's own resume path would have.
+    """
+    fit_loop = trainer.fit_loop
+    pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
+    if not (pending and fit_loop.restarting and fit_loop._combined_loader is not None):
+        return False
+    # The epoch first: a loader that fast-forwards its sampler on load must replay this epoch's order.
+    for loader in fit_loop._combined_loader.flattened:
+        _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
+    fit_loop._combined_loader._load_state_dicts(pending)
+    fit_loop._combined_loader_states_to_load = []
+    if fit_loop._data_fetcher is not None:
+        iter(fit_loop._data_fetcher)  # the iterator made before the restore would start the epoch over
+    return True
+
+
+def pause_rng(module: L.LightningModule) -> None:
+    """Before validation inside fit: remember the training streams (validation may draw from them)."""
+    trainer = module._trainer
+    if trainer is not None and trainer.state.fn == "fit" and not trainer.sanity_checking:
+        setattr(module, _PAUSED, capture_rng_state())
+
+
+def resume_rng(module: L.LightningModule) -> None:
+    """After validation inside fit: continue the training streams from where validation found them."""
+    state = getattr(module, _PAUSED, None)
+    if state is not None:
+        set_rng_state(state)
+        setattr(module, _PAUSED, None)
+
+
+def _to_cpu(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_cpu(v) for v in state]
+    return state
+
+
+# --------------------------------------------------------------------------------------------- callback
+class ResumeCheckpoint(ModelCheckpoint):
+    """Keeps one checkpoint to resume from, ``resume.ckpt``, overwritten every ``every_n_train_steps`` steps.
+
+    Independent of the best / last checkpoints (whose saves wait for a validation metric): it is written from the
+    first steps of the first epoch on, at optimizer-step boundaries, and also at the boundary where a SIGTERM is
+    noticed (Lightning finishes the current step and then stops). A SIGTERM that arrives during validation
+    stops the run mid-validation, where the state is not a step boundary: no checkpoint is written then, and the
+    previous ``resume.ckpt`` stays the one to resume from. SIGKILL leaves the previous one too.
+
+    Resume with ``masksub fit ... --ckpt_path <dir>/resume.ckpt`` (same config, same number of ranks).
+
+    Args:
+        every_n_train_steps: optimizer steps between saves (mid-epoch included).
+        dirpath: directory of ``resume.ckpt``; None: the run's checkpoint directory (next to ``last.ckpt``).
+        filename: file name without ``.ckpt``.
+        save_on_sigterm: also save when Lightning stops the run for a SIGTERM.
+
+    Raises:
+        ValueError: ``every_n_train_steps`` is not a positive integer.
+    """
+
+    def __init__(
+        self,
+        every_n_train_steps: int = 100,
+        dirpath: str | None = None,
+        filename: str = "resume",
+        save_on_sigterm: bool = True,
+    ) -> None:
+        if isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int):
+            raise ValueError(f"every_n_train_steps must be a positive int, got {every_n_train_steps!r}")
+        if every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be a positive int, got {every_n_train_steps!r}")
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=None,
+            save_top_k=1,
+            save_last=False,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=False,  # always the same file: the newest state replaces the previous one
+        )
+        self.save_on_sigterm = save_on_sigterm
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(resume_every_n_train_steps=self._every_n_train_steps)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        """Save every ``every_n_train_steps`` optimizer steps, whatever the monitored metrics."""
+        if trainer.global_step % self._every_n_train_steps or self._should_skip_saving_checkpoint(trainer):
+            return
+        # Straight to the save: the parent's manual-optimization branch would warn about pre-step weights.
+        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """No epoch-end saves: ``resume.ckpt`` follows the step count only."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """No epoch-end saves: ``resume.ckpt`` follows the step count only."""
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """Save at the step boundary where Lightning stops for a SIGTERM (not mid-validation)."""
+        if not (self.save_on_sigterm and isinstance(exception, SIGTERMException)):
+            return
+        if trainer.validating or trainer.sanity_checking:
+            rank_zero_warn(
+                "SIGTERM during validation: no resume checkpoint written (the run stopped mid-validation); "
+                "resume from the previous one"
+            )
+            return
+        if any(p.grad is not None for p in pl_module.parameters()):
+            # Mid gradient-accumulation group: the accumulated gradient is not part of a checkpoint.
+            rank_zero_warn(
+                "SIGTERM inside a gradient-accumulation group: no resume checkpoint written; "
+                "resume from the previous one"
+            )
+            return
+        filepath = os.path.join(
+            self.dirpath or trainer.default_root_dir, f"{self.filename}{self.FILE_EXTENSION}"
+        )
+        trainer.save_checkpoint(filepath)
+        self._last_global_step_saved = trainer.global_step
