@@ -241,6 +241,28 @@ def _timm_filter_fn(model: nn.Module) -> Callable[..., dict[str, Tensor]] | None
     return None
 
 
+def _apply_timm_filter(sd: dict[str, Tensor], model: nn.Module, report: LoadReport) -> dict[str, Tensor]:
+    """Run the model module's own ``checkpoint_filter_fn`` (resampling, OpenAI CLIP names, ...), if it has one."""
+    if report.source == "mae" and not isinstance(getattr(model, "norm", None), nn.Identity):
+        report.notes.append("MAE fine-tuning pools with global average pooling: consider global_pool='avg'")
+    filter_fn = _timm_filter_fn(model)
+    if filter_fn is None:
+        return sd
+    name = f"{filter_fn.__module__}.{filter_fn.__name__}"
+    try:
+        filtered = dict(filter_fn(dict(sd), model))
+    except Exception as err:
+        raise ValueError(
+            f"timm's {name} could not convert {report.path} for {type(model).__name__}: {err}"
+        ) from err
+    removed, added = sorted(sd.keys() - filtered.keys()), filtered.keys() - sd.keys()
+    if added:  # renamed (OpenAI CLIP): one note rather than every old name
+        report.notes.append(f"{name} converted {len(removed)} tensors to {len(added)} timm names")
+    else:
+        report.dropped_keys.update(dict.fromkeys(removed, f"removed by {name}"))
+    return filtered
+
+
 def _classifier_prefixes(model: nn.Module) -> list[str]:
     """Module names of the model's classifier(s), from ``pretrained_cfg`` and ``get_classifier()``."""
     clf = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
@@ -280,10 +302,7 @@ def _select(
         if _is_under(k, heads) and target is None:
             drop[k] = "classifier the model does not have (e.g. num_classes=0)"
         elif _is_under(k, heads):
-            drop[k] = (
-                f"classifier of another shape ({list(v.shape)} vs the model's {list(target.shape)}, different "
-                "num_classes): the model keeps its own freshly initialised head"
-            )
+            drop[k] = "classifier of another shape (different num_classes): the model keeps its fresh head"
         elif target is not None:
             mismatched[k] = f"shape {list(v.shape)} does not match the model's {list(target.shape)}"
     report.dropped_keys.update({**drop, **mismatched})
@@ -352,29 +371,17 @@ def load_pretrained(
     sd = _convert_format(sd, report)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     _fix_pos_embed_layout(sd, model, report.notes)
-    if (filter_fn := _timm_filter_fn(model)) is not None:
-        name = f"{filter_fn.__module__}.{filter_fn.__name__}"
-        try:
-            filtered = dict(filter_fn(dict(sd), model))
-        except Exception as err:
-            raise ValueError(
-                f"timm's {name} could not convert {path} for {type(model).__name__}: {err}"
-            ) from err
-        report.dropped_keys.update(
-            dict.fromkeys(sorted(sd.keys() - filtered.keys()), f"converted or removed by {name}")
-        )
-        sd = filtered
-    if report.source == "mae" and not isinstance(getattr(model, "norm", None), nn.Identity):
-        report.notes.append("MAE fine-tuning pools with global average pooling: consider global_pool='avg'")
+    sd = _apply_timm_filter(sd, model, report)
     sd, mismatched = _select(sd, model, model_sd, exclude, report)
     _check_coverage(sd, model_sd, mismatched, report, strict_encoder)
 
     result = model.load_state_dict(sd, strict=False)
-    report.missing_keys = [k for k in model_sd if k in set(result.missing_keys)]
-    report.loaded_keys = [k for k in model_sd if k not in set(result.missing_keys)]
+    missing = set(result.missing_keys)
+    report.missing_keys = [k for k in model_sd if k in missing]
+    report.loaded_keys = [k for k in model_sd if k not in missing]
     report.unexpected_keys = list(result.unexpected_keys)
-    shapes = {k: (shapes[k], tuple(sd[k].shape)) for k in report.loaded_keys if k in shapes}
-    report.resized_keys = {k: (a, b) for k, (a, b) in shapes.items() if a != b}
+    resized = {k: (shapes[k], tuple(sd[k].shape)) for k in report.loaded_keys if k in shapes}
+    report.resized_keys = {k: (a, b) for k, (a, b) in resized.items() if a != b}
     if report.missing_encoder_keys or report.unexpected_keys:
         _logger.warning(
             "Pre-trained weights %s: %d missing key(s): %s; %d unexpected key(s): %s", path,

@@ -6,6 +6,7 @@ import argparse
 import logging
 import pickle
 import re
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -15,7 +16,6 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
-from masksub_lightning import pretrained
 from masksub_lightning.pretrained import SUPPORTED_SUFFIXES, LoadReport, detect_source, load_pretrained
 
 DIM = 48
@@ -81,7 +81,9 @@ def test_mae_pretrain_checkpoint_loads_every_encoder_tensor(tmp_path):
         if not key.startswith("norm."):
             assert torch.equal(after[key], value), key
     # MAE fine-tuning builds fc_norm fresh (weight 1, bias 0); the encoder's final norm is not used.
-    assert torch.equal(after["fc_norm.weight"], fresh["weight"]) and torch.equal(after["fc_norm.bias"], fresh["bias"])
+    assert torch.equal(after["fc_norm.weight"], fresh["weight"]) and torch.equal(
+        after["fc_norm.bias"], fresh["bias"]
+    )
     assert torch.equal(after["fc_norm.weight"], torch.ones(DIM)) and not torch.equal(
         after["fc_norm.weight"], encoder_sd["norm.weight"]
     )
@@ -102,7 +104,9 @@ def test_mae_pretrain_checkpoint_loads_every_encoder_tensor(tmp_path):
     assert len(report.loaded_keys) == len(after) - 4
     text = str(report)
     assert "MAE decoder" in text and "fc_norm is built fresh, as MAE fine-tuning does: norm.weight" in text
-    assert "kept at their fresh initialisation: fc_norm.weight, fc_norm.bias" in text and "head.weight" in text
+    assert (
+        "kept at their fresh initialisation: fc_norm.weight, fc_norm.bias" in text and "head.weight" in text
+    )
 
 
 def test_mae_finetuned_checkpoint_with_fc_norm_and_head_loads_whole_model(tmp_path):
@@ -282,6 +286,86 @@ def test_clip_openai_layout_converted_and_text_tower_dropped(tmp_path):
     assert report.missing_keys == [] and report.unexpected_keys == []
 
 
+def test_clip_recipe_openai_checkpoint_pools_tokens_through_a_fresh_norm(tmp_path):
+    # FT-CLIP: fc_norm on the patch tokens, then the mean, with fc_norm built fresh. In timm: global_pool="avg",
+    # fc_norm=False (norm applied per token before pooling) and exclude=["norm"] so CLIP's ln_post is not loaded.
+    src = randomize(tiny_vit("vit_base_patch16_clip_224", num_classes=16))
+    src_sd = snapshot(src)
+    path = tmp_path / "openai_clip.pt"
+    torch.save(_to_openai_clip(src_sd), path)
+    kwargs = dict(num_classes=5, global_pool="avg", fc_norm=False)
+    fresh = tiny_vit("vit_base_patch16_clip_224", **kwargs).norm.state_dict()
+
+    model = tiny_vit("vit_base_patch16_clip_224", **kwargs)
+    assert isinstance(model.norm, nn.LayerNorm) and isinstance(model.fc_norm, nn.Identity)
+    report = load_pretrained(model, path, exclude=["norm"], strict_encoder=True)
+
+    after = model.state_dict()
+    for k, v in src_sd.items():
+        if k.startswith("norm."):
+            assert torch.equal(after[k], fresh[k[len("norm.") :]]), k
+            assert not torch.equal(after[k], v), k
+        elif not k.startswith("head."):
+            assert torch.equal(after[k], v), k
+    assert torch.equal(after["norm_pre.weight"], src_sd["norm_pre.weight"])  # "norm" does not match norm_pre
+    assert report.dropped_keys["norm.weight"] == "excluded: kept at its fresh initialisation"
+    assert report.dropped_keys["norm.bias"] == "excluded: kept at its fresh initialisation"
+    assert "different num_classes" in report.dropped_keys["head.weight"]
+    assert report.kept_fresh == ["norm.weight", "norm.bias"]
+    assert report.missing_keys == ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    assert report.missing_encoder_keys == [] and report.unexpected_keys == []
+    assert "kept at their fresh initialisation: norm.weight, norm.bias" in str(report)
+    # The forward pass is timm's: per-token fresh LayerNorm, then the mean over the patch tokens, then the head.
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        expected = model.head(tokens[:, model.num_prefix_tokens :].mean(dim=1))
+        torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize(
+    ("exclude", "fresh_prefixes"),
+    [
+        (["norm"], ["norm."]),
+        (["blocks.1", "cls_token"], ["blocks.1.", "cls_token"]),
+        (["blocks.0.attn.qkv.weight"], ["blocks.0.attn.qkv.weight"]),
+    ],
+)
+def test_exclude_leaves_exactly_the_named_tensors_fresh(tmp_path, exclude, fresh_prefixes):
+    src = randomize(tiny_vit())
+    path = tmp_path / "vit.safetensors"
+    save_file(snapshot(src), str(path))
+    torch.manual_seed(0)
+    fresh = snapshot(tiny_vit())
+    torch.manual_seed(0)
+    model = tiny_vit()
+
+    report = load_pretrained(model, path, exclude=exclude, strict_encoder=True)
+
+    expected_fresh = [k for k in fresh if k.startswith(tuple(fresh_prefixes))]
+    assert expected_fresh and report.kept_fresh == expected_fresh
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh[k] if k in expected_fresh else src.state_dict()[k]), k
+    assert report.dropped_keys == dict.fromkeys(expected_fresh, "excluded: kept at its fresh initialisation")
+    assert report.missing_keys == expected_fresh and report.missing_encoder_keys == []
+
+
+@pytest.mark.parametrize(
+    ("exclude", "message"),
+    [
+        ("norm", r"exclude must be a list of module names such as \['norm'\], got 'norm'"),
+        (["nrom"], r"exclude names \['nrom'\] match no tensor of the model"),
+        (["blocks.1"], r"exclude names \['blocks.1'\] match no tensor"),  # depth 1: blocks.1 does not exist
+        (["norm_"], r"exclude names \['norm_'\]"),  # a name, not a string prefix
+    ],
+)
+def test_exclude_rejects_names_of_nothing(tmp_path, exclude, message):
+    path = tmp_path / "w.pth"
+    torch.save(snapshot(tiny_vit(depth=1)), path)
+    with pytest.raises(ValueError, match=message):
+        load_pretrained(tiny_vit(depth=1), path, exclude=exclude)
+
+
 def test_any_timm_checkpoint_non_vit_classifier_replaced(tmp_path):
     src = randomize(timm.create_model("test_resnet", num_classes=3))
     path = tmp_path / "resnet.bin"
@@ -364,6 +448,9 @@ def test_lightning_checkpoint_round_trip(tmp_path):
     [
         pytest.param(
             lambda sd: {"model": sd, "args": argparse.Namespace(lr=1e-3, model="vit"), "epoch": 3}, id="args"
+        ),
+        pytest.param(  # DeiT-III fine-tunes from the raw weights, not the EMA kept next to them
+            lambda sd: {"model": sd, "model_ema": {k: v + 1 for k, v in sd.items()}}, id="raw-not-ema"
         ),
         pytest.param(lambda sd: {"module": sd}, id="deepspeed"),
         pytest.param(lambda sd: {f"module.{k}": v for k, v in sd.items()}, id="ddp"),
@@ -451,33 +538,42 @@ def test_strict_encoder_names_missing_tensors_and_default_warns(tmp_path, caplog
     assert any("blocks.2." in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
-_EXECUTED: list[str] = []
+class _WritesMarker:
+    """A pickle that, when unpickled, writes a file: the harmless stand-in for running arbitrary code."""
 
-
-def _record_execution(tag: str) -> str:
-    _EXECUTED.append(tag)
-    return tag
-
-
-class _Payload:
-    """Stands for a malicious pickle: unpickling it calls a function."""
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
 
     def __reduce__(self):
-        return _record_execution, ("code ran",)
+        return Path.write_text, (self.marker, "code ran")
 
 
-def test_pickle_with_arbitrary_objects_is_refused_without_running_code(tmp_path):
-    path = tmp_path / "evil.pth"
-    torch.save({"model": snapshot(tiny_vit()), "payload": _Payload()}, path)
+def test_pickle_that_runs_code_is_refused_naming_the_file_and_the_code_does_not_run(tmp_path):
+    marker = tmp_path / "marker.txt"
+    path = tmp_path / "mae_pretrain_evil.pth"
+    torch.save({"model": snapshot(tiny_vit()), "payload": _WritesMarker(marker)}, path)
+
     model = tiny_vit()
     before = snapshot(model)
-    _EXECUTED.clear()
 
-    with pytest.raises(pickle.UnpicklingError, match=r"Refused to load .*weights_only=True"):
+    with pytest.raises(pickle.UnpicklingError) as err:
         load_pretrained(model, path)
 
-    assert _EXECUTED == []
+    message = str(err.value)
+    assert str(path) in message and "weights_only=True" in message
+    assert "other than tensors and plain containers" in message
+    assert not marker.exists()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    # Control: the payload is live, an unrestricted unpickler does run it.
+    torch.load(path, weights_only=False)
+    assert marker.read_text() == "code ran"
+
+
+def test_unreadable_file_names_it(tmp_path):
+    path = tmp_path / "truncated.pth"
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match=f"Could not read {re.escape(str(path))}"):
+        load_pretrained(tiny_vit(), path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
