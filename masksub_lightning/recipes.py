@@ -12,7 +12,7 @@ module reads (tests/test_recipes.py checks it against the resolved config, so it
     #   model: ViT-B/16                          display name
     #   epochs: 20                               == trainer.max_epochs
     #   sub_branch: mask                         == model.init_args.sub_branch ("none": the baseline arm)
-    #   global_batch: 512                        == data.batch_size x trainer.devices x trainer.num_nodes
+    #   global_batch: 512                        == batch_size x devices x num_nodes x grad_accumulation
     #   top1: {masksub: 84.1, baseline: 83.5}    the paper's ImageNet top-1 of both arms, or null
     #   paper: docs/method.md headline results, ...   where top1 comes from (or why there is none)
     #   source: docs/method.md "DeiT-III fine-tune at 224" ...   where the hyperparameters come from
