@@ -1,0 +1,391 @@
+"""Checkpoint files that survive a killed process, a ``last.ckpt`` that is always the latest state, safe loading.
+
+Three pieces, all plugged in by the ``masksub`` command and usable with your own Trainer::
+
+    import lightning as L
+    from masksub_lightning.checkpointing import AlwaysLastCheckpoint, AtomicCheckpointIO
+
+    trainer = L.Trainer(
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[AlwaysLastCheckpoint(monitor="val_acc1", mode="max", save_last=True)],
+    )
+
+* :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file in the destination directory, fsyncs it
+  and renames it over the target (``os.replace``), so a process killed while saving leaves the previous file
+  intact and loadable. (Lightning's own writer stages the file in ``$TMPDIR`` and, when that is another file
+  system, copies it over the target: a kill mid-copy leaves a truncated checkpoint and no old one.) It loads with
+  ``weights_only=True`` unless told otherwise, so a tampered file cannot run code when resumed from.
+* :class:`AlwaysLastCheckpoint` is Lightning's ``ModelCheckpoint`` except that ``save_last=True`` rewrites
+  ``last.ckpt`` at every save point, not only when a new best checkpoint is written (Lightning 2.6 keeps a stale
+  ``last.ckpt`` once the monitored metric stops improving, and resuming from it would repeat epochs). It also
+  checks, before training starts, that the checkpoint directory is writable and has room for a checkpoint.
+* :func:`load_checkpoint_file` and :func:`load_from_checkpoint` (``MaskSubModule.load_from_checkpoint``) load with
+  ``weights_only=True`` and turn "this file is not a safe / complete checkpoint" into one clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+try:  # the decorator Lightning uses so that `model.load_from_checkpoint(...)` on an instance raises
+    from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
+except ImportError:  # pragma: no cover - older / newer Lightning
+    _restricted_classmethod = classmethod
+
+__all__ = [
+    "TMP_SUFFIX",
+    "AlwaysLastCheckpoint",
+    "AtomicCheckpointIO",
+    "CheckpointLoadError",
+    "OutputDirError",
+    "check_output_dir",
+    "load_checkpoint_file",
+    "load_from_checkpoint",
+    "remove_stale_temp_files",
+]
+
+#: Suffix of the temporary files :class:`AtomicCheckpointIO` writes (``.<target name>.<host>-<pid>-<random>`` +
+#: this). Only files ending in it are ever cleaned up, so nothing else in a checkpoint directory is touched.
+TMP_SUFFIX = ".masksub.tmp"
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
+
+
+class CheckpointLoadError(ValueError):
+    """A file is not a checkpoint that can be loaded safely and completely."""
+
+
+class OutputDirError(ValueError):
+    """A log or checkpoint directory cannot be written, or has no room for a checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def _fsync_dir(dirpath: str) -> None:
+    """Make a rename durable: without it a power cut can leave the directory entry pointing at the old file."""
+    if os.name != "posix":
+        return
+    fd = os.open(dirpath, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that never leaves ``path`` half written.
+
+    The bytes go to ``.<name>.<host>-<pid>-<random>.masksub.tmp`` next to ``path`` (the same file system, so the
+    final rename is atomic), are fsynced, and the file is renamed over ``path``. If anything fails, including a
+    KeyboardInterrupt, the temporary file is removed and ``path`` is untouched; a SIGKILL can leave the temporary
+    file behind, never a truncated ``path`` (:func:`remove_stale_temp_files` clears such leftovers).
+    """
+    path = os.fspath(path)
+    dirpath = os.path.dirname(os.path.abspath(path))
+    os.makedirs(dirpath, exist_ok=True)
+    tmp = os.path.join(
+        dirpath, f".{os.path.basename(path)}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
+    )
+    # O_EXCL: never write through a file someone else created; mode 0o666 lets the umask apply as for any file.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(dirpath)
+
+
+def remove_stale_temp_files(dirpath: str | os.PathLike, max_age_s: float = 24 * 3600) -> list[str]:
+    """Delete temporary files of :func:`atomic_torch_save` that no running save owns; return their paths.
+
+    A file is stale when the process that wrote it is gone (same host) or, for files written on another host
+    (a shared file system), when it is older than ``max_age_s``. Files of live processes are left alone: two runs
+    may share a directory.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(dirpath))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX)) or not entry.is_file():
+            continue
+        owner = entry.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]  # <host>-<pid>-<random>
+        host, _, rest = owner.partition("-")
+        pid_text = rest.partition("-")[0]
+        if host == _HOST and pid_text.isdigit():
+            stale = int(pid_text) != os.getpid() and not _pid_alive(int(pid_text))
+        else:
+            try:
+                stale = time.time() - entry.stat().st_mtime > max_age_s
+            except FileNotFoundError:
+                continue
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(entry.path)
+                removed.append(entry.path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def load_checkpoint_file(
+    path: str | os.PathLike | IO[bytes],
+    map_location: Any = "cpu",
+    weights_only: bool = True,
+    load: Callable[..., Any] | None = None,
+) -> Any:
+    """Load a checkpoint with ``weights_only=True``; unsafe, truncated or non-checkpoint files raise one clear error.
+
+    Args:
+        path: the file (or an open binary file).
+        map_location: as for ``torch.load``.
+        weights_only: keep True for any file you did not write yourself: unpickling arbitrary objects can run code.
+        load: the loader to call as ``load(path, map_location=..., weights_only=...)`` (default ``torch.load``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointLoadError: the file holds objects ``weights_only`` refuses (the message says why that matters),
+            or it is truncated / not a torch checkpoint at all.
+    """
+    name = getattr(path, "name", path)
+    if isinstance(path, (str, os.PathLike)) and _is_local_file_protocol(path) and not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint file not found: {name}")
+    load = load or torch.load
+    try:
+        return load(path, map_location=map_location, weights_only=weights_only)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, OSError) as err:
+        if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)) or (
+            # Other RuntimeErrors (e.g. a CUDA tensor on a machine without CUDA) are not about the file.
+            type(err) is RuntimeError and "PytorchStreamReader" not in str(err)
+        ):
+            raise
+        raise _load_error(name, err) from err
+
+
+def _load_error(name: Any, err: BaseException) -> CheckpointLoadError:
+    """The one-line error for a file ``torch.load`` refused (unsafe) or could not parse (truncated, not torch)."""
+    if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        what = (
+            f"a reference to {found.group(1)}" if found else "objects other than tensors and plain containers"
+        )
+        return CheckpointLoadError(
+            f"{name} is not a safe checkpoint: it holds {what}, which weights_only=True loading refuses because "
+            "unpickling it could run arbitrary code; the file was not loaded (if you wrote it yourself and trust "
+            "it, load it with torch.load(..., weights_only=False) and re-save only its tensors)"
+        )
+    return CheckpointLoadError(
+        f"{name} is not a complete torch checkpoint (truncated, or another kind of file): {_first_line(err)}"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO``: crash-safe writes in the destination directory, ``weights_only`` loading.
+
+    ``Trainer(plugins=[AtomicCheckpointIO()])``. Local paths are written by :func:`atomic_torch_save` (temporary
+    file next to the target, fsync, ``os.replace``); remote URLs (``s3://``, ...) fall back to Lightning's writer.
+    ``load_checkpoint`` defaults to ``weights_only=True`` (also when the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    environment variable is set); an explicit ``Trainer.fit(..., weights_only=False)`` is still honoured.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        try:
+            atomic_torch_save(checkpoint, path)
+        except OSError as err:
+            raise OSError(
+                err.errno,
+                f"could not write checkpoint {path} ({err.strerror or err}); the previous file at that path, if "
+                "any, is unchanged",
+            ) from err
+
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Any | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        weights_only = True if weights_only is None else weights_only
+        parent = super().load_checkpoint
+
+        def load(p: Any, map_location: Any, weights_only: bool) -> Any:
+            return parent(p, map_location=map_location, weights_only=weights_only)
+
+        return load_checkpoint_file(path, map_location=map_location, weights_only=weights_only, load=load)
+
+
+@_restricted_classmethod
+def load_from_checkpoint(
+    cls: type[LightningModule],
+    checkpoint_path: Any,
+    map_location: Any = None,
+    hparams_file: Any = None,
+    strict: bool | None = None,
+    weights_only: bool | None = True,
+    **kwargs: Any,
+) -> Any:
+    """``LightningModule.load_from_checkpoint`` with ``weights_only=True`` by default and a one-line error.
+
+    Assigned as ``MaskSubModule.load_from_checkpoint``: Lightning's passes ``weights_only=None`` to ``torch.load``,
+    which is safe on torch >= 2.6 only as long as ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is not set.
+    """
+    base = LightningModule.__dict__["load_from_checkpoint"].__func__
+    try:
+        return base(cls, checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+    except pickle.UnpicklingError as err:  # Lightning's own torch.load refused the file
+        raise _load_error(checkpoint_path, err) from err
+
+
+# ------------------------------------------------------------------------------------------------ directories
+def check_output_dir(path: str | os.PathLike, what: str, need_bytes: int = 0) -> None:
+    """Check, before anything is trained, that ``path`` can be created and written and has ``need_bytes`` free.
+
+    Creates the directory (it would be created at the first save anyway) and writes and deletes a small probe
+    file in it. Remote URLs are not checked.
+
+    Raises:
+        OutputDirError: naming ``what``, the path and the reason.
+    """
+    text = os.fspath(path)
+    if not _is_local_file_protocol(text):
+        return
+    target = Path(text).expanduser()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputDirError(f"{what} {text} exists and is not a directory") from None
+    except OSError as err:
+        raise OutputDirError(f"{what} {text} cannot be created: {err.strerror or err}") from None
+    probe = target / f".write-test.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise OutputDirError(f"{what} {text} is not writable: {err.strerror or err}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    free = shutil.disk_usage(target).free
+    if free < need_bytes:
+        raise OutputDirError(
+            f"{what} {text} has {_mib(free)} free but a checkpoint needs at least {_mib(need_bytes)}"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def checkpoint_size_lower_bound(module: torch.nn.Module) -> int:
+    """Bytes of the module's state dict: no checkpoint of it can be smaller (optimizer state comes on top)."""
+    total = 0
+    for t in module.state_dict().values():
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------------------------- callback
+class AlwaysLastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` (``save_last=True``) is rewritten at every save point.
+
+    Lightning 2.6 writes ``last.ckpt`` only when a top-k checkpoint was saved at the same step, and at the end of
+    training only if it was never written: once the monitored metric stops improving ``last.ckpt`` goes stale.
+    Here it is also written at each validation / epoch end where no top-k checkpoint was saved, and at the end of
+    training when steps were taken since the last save (``max_steps`` or ``max_time`` ending mid-epoch). Resuming
+    from ``last.ckpt`` therefore continues where the run stopped.
+
+    Before training, the checkpoint directory is checked (created, written, enough free space for the model's
+    weights) and leftovers of interrupted :class:`AtomicCheckpointIO` saves are removed. The state key is the
+    plain ``ModelCheckpoint``'s, so checkpoints of either class resume with the other.
+    """
+
+    @property
+    def state_key(self) -> str:
+        key = super().state_key
+        return "ModelCheckpoint" + key[len(type(self).__qualname__) :]
+
+    def setup(self, trainer: Any, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        problem = None
+        if (
+            stage == "fit"
+            and trainer.is_global_zero
+            and self.dirpath is not None
+            and not trainer.fast_dev_run
+        ):
+            try:
+                check_output_dir(self.dirpath, "checkpoint directory", checkpoint_size_lower_bound(pl_module))
+                remove_stale_temp_files(self.dirpath)
+            except OutputDirError as err:
+                problem = str(err)
+        # Every rank raises, not only rank 0: the others would otherwise wait for it at the next collective.
+        problem = trainer.strategy.broadcast(problem)
+        if problem:
+            raise OutputDirError(problem)
+
+    def _latest_due(self, trainer: Any) -> bool:
+        return self.save_last is True and self._last_global_step_saved != trainer.global_step
+
+    def on_validation_end(self, trainer: Any, pl_module: LightningModule) -> None:
+        applies = not self._should_skip_saving_checkpoint(
+            trainer
+        ) and not self._should_save_on_train_epoch_end(trainer)
+        super().on_validation_end(trainer, pl_module)
+        if applies and self._latest_due(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: LightningModule) -> None:
+        applies = not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(
+            trainer
+        )
+        super().on_train_epoch_end(trainer, pl_module)
+        if applies and self._latest_due(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: Any, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer) and self._latest_due(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
