@@ -9,26 +9,54 @@ Subclasses only say where the data is::
 Batches are ``(images, targets)``: images float32 ``(B, 3, H, W)``; targets int64 ``(B,)``, except in
 training with Mixup/CutMix or label smoothing on, where they are float32 ``(B, num_classes)`` soft targets
 (rows sum to 1). Mixing happens in ``on_after_batch_transfer``, i.e. on the accelerator, on the whole batch.
+
+Reproducibility and resume. Every random draw of the data path is a function of ``seed`` and a position:
+
+=========================  =====================================================================================
+what                       random source
+=========================  =====================================================================================
+sample order               a private ``torch.Generator`` seeded with ``seed + epoch`` (:class:`RepeatedAugSampler`)
+per-sample augmentation    Python ``random``, NumPy and torch CPU global RNGs, seeded per sample from
+                           (seed, epoch, position in the global stream) and restored afterwards
+                           (:func:`~masksub_lightning.data.datasets.seeded_rng`), in workers and main process
+Mixup / CutMix             timm's ``Mixup`` draws from NumPy's global RNG; it runs under ``seeded_rng`` seeded
+                           from (seed, rank, mix step), the step counter kept in this DataModule's ``state_dict``
+worker base seed           the loader's own ``torch.Generator`` seeded from (seed, rank)
+=========================  =====================================================================================
+
+So the data path neither reads nor moves the global RNG state of the main process, and the train loader (a
+torchdata ``StatefulDataLoader``, whose state Lightning stores in checkpoints) resumes mid-epoch exactly.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning as L
-import numpy as np
 import timm
 import torch
 from timm.data import Mixup, create_transform
 from timm.data.mixup import mixup_target
 from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms as T
 
-from masksub_lightning.data.datasets import ImageListDataset, Sample, require_path
-from masksub_lightning.data.samplers import RepeatedAugSampler
+from masksub_lightning.data.datasets import (
+    ImageListDataset,
+    Sample,
+    SampleDataset,
+    bad_label_indices,
+    label_error,
+    require_path,
+    seeded_rng,
+)
+from masksub_lightning.data.samplers import RepeatedAugSampler, ShardedEvalSampler, mix_seed
 
 Split = Literal["train", "val", "test"]
 
@@ -39,16 +67,89 @@ _TRAIN_CROPS = ("rrc", "simple")
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
 _RE_MODES = ("const", "rand", "pixel")
 _MIXUP_MODES = ("batch", "pair", "elem")
+_BAD_SAMPLES = ("error", "skip")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{name}={value!r} is invalid: {allowed}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> None:
+    """ValueError naming ``name`` unless ``value`` is an integer (not a bool) in ``[minimum, maximum]``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
+        if maximum is None:
+            _fail(name, value, f"must be an integer >= {minimum}")
+        _fail(name, value, f"must be an integer in [{minimum}, {maximum}]")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(name, value, "must be True or False")
+
+
+def check_optional_str(name: str, value: Any, path: bool = False) -> None:
+    if value is not None and not isinstance(value, (str, os.PathLike) if path else str):
+        _fail(name, value, f"must be a {'path' if path else 'string'} or None")
+
+
+class _HParam:
+    """Attribute view of one saved hyperparameter: reads and writes ``obj.hparams[name]``.
+
+    A subclass whose signature lacks a base argument (Digits has no ``train_crop``) does not save it; reading it
+    gives the base signature's default, which is the value the base was built with.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        hparams = obj.hparams
+        if self.name in hparams:
+            return hparams[self.name]
+        return _base_defaults()[self.name]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.hparams[self.name] = value
+
+
+def _base_defaults() -> dict[str, Any]:
+    params = inspect.signature(ImageClassificationDataModule.__init__).parameters
+    return {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def _accepted_init_args(cls: type) -> set[str]:
+    """Argument names ``cls(...)`` accepts, following ``**kwargs`` that subclasses forward to their parent."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+        if klass is ImageClassificationDataModule or not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
 class ImageClassificationDataModule(L.LightningDataModule):
     """Base DataModule for image classification with the DeiT-III / RSB / MAE training pipelines.
 
-    Every argument is a plain type so LightningCLI / jsonargparse can read it from YAML.
+    Every argument is a plain type so LightningCLI / jsonargparse can read it from YAML. The arguments are
+    stored with ``save_hyperparameters()`` (``dm.hparams``, and ``datamodule_hyper_parameters`` in checkpoints)
+    and readable as attributes (``dm.batch_size``). They are not sent to loggers: the module has arguments of
+    the same name (``label_smoothing``, ``channels_last``) whose values may legitimately differ, and Lightning
+    refuses to log two different values under one key.
 
     Args:
         root: dataset root directory (layout: see the subclass).
@@ -87,7 +188,16 @@ class ImageClassificationDataModule(L.LightningDataModule):
         repeated_aug: repeated augmentation: each sampled image appears this many times per epoch, spread over
             ranks (3 for DeiT-III / RSB; 1 = off). Epoch length is unchanged.
         channels_last: return images in ``torch.channels_last`` memory format (faster convnets on GPU).
-        seed: seed of the training order; the order is a function of (seed, epoch, world size, rank).
+        seed: seed of the training order and of every augmentation draw (see the module docstring).
+        bad_samples: what to do with bad data. "error" (default): an empty class folder or a label outside
+            ``[0, num_classes)`` in an annotation file raises a ValueError at setup, and an image that cannot
+            be decoded, is missing, is smaller than ``min_image_size`` or breaks the transform raises at load
+            time, naming the file (in a worker too). "skip": such folders / annotation entries are left out at
+            setup with one warning per split and kind (counted in :attr:`skipped_samples`), and such images are
+            replaced by another sample chosen deterministically from the sample's position (a warning names
+            each file once per process; a warning with the count about once per epoch).
+        min_image_size: images whose shorter side is below this many pixels are bad samples (see
+            ``bad_samples``). 1 (default) accepts every image; timm's crops upsample small images.
 
     Raises:
         ValueError: an argument is out of range; the message names the value and what is allowed.
@@ -95,6 +205,36 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     #: Directory tree a subclass expects under ``root``; quoted in missing-path errors.
     layout: ClassVar[str] = "<root>/..."
+
+    root = _HParam()
+    batch_size = _HParam()
+    num_workers = _HParam()
+    pin_memory = _HParam()
+    persistent_workers = _HParam()
+    img_size = _HParam()
+    train_crop = _HParam()
+    scale = _HParam()
+    ratio = _HParam()
+    hflip = _HParam()
+    auto_augment = _HParam()
+    color_jitter = _HParam()
+    reprob = _HParam()
+    remode = _HParam()
+    eval_crop_pct = _HParam()
+    interpolation = _HParam()
+    train_interpolation = _HParam()
+    norm_from_model = _HParam()
+    mixup_alpha = _HParam()
+    cutmix_alpha = _HParam()
+    mixup_prob = _HParam()
+    mixup_switch_prob = _HParam()
+    mixup_mode = _HParam()
+    label_smoothing = _HParam()
+    repeated_aug = _HParam()
+    channels_last = _HParam()
+    seed = _HParam()
+    bad_samples = _HParam()
+    min_image_size = _HParam()
 
     def __init__(
         self,
@@ -127,41 +267,29 @@ class ImageClassificationDataModule(L.LightningDataModule):
         repeated_aug: int = 1,
         channels_last: bool = False,
         seed: int = 0,
+        bad_samples: Literal["error", "skip"] = "error",
+        min_image_size: int = 1,
     ) -> None:
         super().__init__()
-        self.root = root
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.img_size = img_size
-        self.train_crop = train_crop
-        self.scale = tuple(scale)
-        self.ratio = tuple(ratio)
-        self.hflip = hflip
-        self.auto_augment = auto_augment
-        self.color_jitter = color_jitter
-        self.reprob = reprob
-        self.remode = remode
-        self.eval_crop_pct = eval_crop_pct
-        self.interpolation = interpolation
-        self.train_interpolation = train_interpolation
-        self.norm_from_model = norm_from_model
-        self.mixup_alpha = mixup_alpha
-        self.cutmix_alpha = cutmix_alpha
-        self.mixup_prob = mixup_prob
-        self.mixup_switch_prob = mixup_switch_prob
-        self.mixup_mode = mixup_mode
-        self.label_smoothing = label_smoothing
-        self.repeated_aug = repeated_aug
-        self.channels_last = channels_last
-        self.seed = seed
+        # Also collects the calling subclass's own arguments; base arguments the subclass does not accept are
+        # left out so that `type(dm)(**dm.hparams)` (and load_from_checkpoint) rebuild the same DataModule.
+        accepted = _accepted_init_args(type(self))
+        self.save_hyperparameters(ignore=[n for n in _base_defaults() if n not in accepted], logger=False)
+        for name in ("scale", "ratio"):  # YAML gives lists
+            if name in self.hparams and isinstance(self.hparams[name], (list, tuple)):
+                self.hparams[name] = tuple(self.hparams[name])
+        self._validate_arguments(mean, std)
         self.mean, self.std = self._resolve_norm(mean, std, norm_from_model)
         self._validate()
 
         self.datasets: dict[str, Dataset] = {}
         self._class_names: list[str] | None = None
         self._mixup: Mixup | None = None
+        self._mix_step = 0  # training batches mixed so far: the Mixup / CutMix seed of the next one
+        self._loader_datasets: dict[str, SampleDataset] = {}
+        self._setup_skips: dict[str, dict[str, list[str]]] = {}
+        self._reported_skips: dict[str, int] = {}
+        self._report_epoch: int | None = None
 
     # ------------------------------------------------------------------------------------------- validation
 
@@ -183,19 +311,50 @@ class ImageClassificationDataModule(L.LightningDataModule):
             return tuple(cfg.mean), tuple(cfg.std)
         return tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD)
 
-    def _validate(self) -> None:
-        def positive_int(name: str, value: Any, minimum: int = 1) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                _fail(name, value, f"must be an integer >= {minimum}")
+    def _validate_arguments(self, mean: Any, std: Any) -> None:
+        """Types of the arguments that later checks and timm would otherwise trip over with a bare error."""
+        check_optional_str("root", self.root, path=True)
+        check_optional_str("auto_augment", self.auto_augment)
+        check_optional_str("norm_from_model", self.norm_from_model)
+        for name in ("pin_memory", "persistent_workers", "channels_last"):
+            check_bool(name, getattr(self, name))
+        check_int("seed", self.seed, minimum=0)
+        check_int("min_image_size", self.min_image_size, minimum=1)
+        if self.bad_samples not in _BAD_SAMPLES:
+            _fail("bad_samples", self.bad_samples, f"allowed: {', '.join(_BAD_SAMPLES)}")
+        for name in ("scale", "ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) != 2 or not all(map(_is_number, value)):
+                _fail(name, value, "must be two numbers (min, max)")
+        for name, value in (("mean", mean), ("std", std)):
+            if value is not None and (
+                not isinstance(value, (list, tuple)) or len(value) != 3 or not all(map(_is_number, value))
+            ):
+                _fail(name, value, "must be 3 numbers (one per RGB channel) or None")
+        for name in (
+            "hflip",
+            "reprob",
+            "eval_crop_pct",
+            "mixup_alpha",
+            "cutmix_alpha",
+            "mixup_prob",
+            "mixup_switch_prob",
+            "label_smoothing",
+        ):
+            if not _is_number(getattr(self, name)):
+                _fail(name, getattr(self, name), "must be a number")
+        if self.color_jitter is not None and not _is_number(self.color_jitter):
+            _fail("color_jitter", self.color_jitter, "must be a number >= 0 or None")
 
+    def _validate(self) -> None:
         def prob(name: str, value: float) -> None:
             if not 0.0 <= value <= 1.0:
                 _fail(name, value, "must be in [0, 1]")
 
-        positive_int("batch_size", self.batch_size)
-        positive_int("num_workers", self.num_workers, minimum=0)
-        positive_int("img_size", self.img_size)
-        positive_int("repeated_aug", self.repeated_aug)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("num_workers", self.num_workers, minimum=0)
+        check_int("img_size", self.img_size, minimum=1)
+        check_int("repeated_aug", self.repeated_aug, minimum=1)
         if self.train_crop not in _TRAIN_CROPS:
             _fail("train_crop", self.train_crop, f"allowed: {', '.join(_TRAIN_CROPS)}")
         if self.interpolation not in _INTERPOLATIONS:
@@ -207,9 +366,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
             _fail("remode", self.remode, f"allowed: {', '.join(_RE_MODES)}")
         if self.mixup_mode not in _MIXUP_MODES:
             _fail("mixup_mode", self.mixup_mode, f"allowed: {', '.join(_MIXUP_MODES)}")
-        if len(self.scale) != 2 or not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+        if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
             _fail("scale", self.scale, "must be (min, max) with 0 < min <= max <= 1")
-        if len(self.ratio) != 2 or not 0.0 < self.ratio[0] <= self.ratio[1]:
+        if not 0.0 < self.ratio[0] <= self.ratio[1]:
             _fail("ratio", self.ratio, "must be (min, max) with 0 < min <= max")
         prob("hflip", self.hflip)
         prob("reprob", self.reprob)
@@ -221,8 +380,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
             _fail("eval_crop_pct", self.eval_crop_pct, "must be in (0, 1]")
         if not 0.0 <= self.label_smoothing < 1.0:
             _fail("label_smoothing", self.label_smoothing, "must be in [0, 1)")
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            _fail("mixup_alpha / cutmix_alpha", (self.mixup_alpha, self.cutmix_alpha), "must be >= 0")
+        if self.mixup_alpha < 0:
+            _fail("mixup_alpha", self.mixup_alpha, "must be >= 0 (0 disables Mixup)")
+        if self.cutmix_alpha < 0:
+            _fail("cutmix_alpha", self.cutmix_alpha, "must be >= 0 (0 disables CutMix)")
         if self.mixup_enabled and self.batch_size % 2:
             _fail(
                 "batch_size",
@@ -302,7 +463,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def build_dataset(self, split: Split, transform: Callable | None) -> Dataset:
         """The dataset of a split. The default serves ``read_samples(split)`` image files."""
         source = f"{type(self).__name__} {split} split under {self.root}"
-        return ImageListDataset(self.read_samples(split), self.num_classes, transform, source=source)
+        samples = self.drop_bad_labels(split, self.read_samples(split), source)
+        return ImageListDataset(samples, self.num_classes, transform, source, min_size=self.min_image_size)
 
     def build_transform(self, train: bool) -> Callable:
         """timm's train / eval pipeline from this module's settings (PIL image -> normalised tensor)."""
@@ -348,13 +510,75 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def get_dataset(self, split: Split) -> Dataset:
         """The dataset of a split, built on first use (with the train or eval transform)."""
         if split not in self.datasets:
+            self._setup_skips[split] = {}
             self.datasets[split] = self.build_dataset(split, self.build_transform(train=split == "train"))
+            for kind, messages in self._setup_skips[split].items():
+                warnings.warn(
+                    f"{type(self).__name__} {split} split: skipped {len(messages)} {kind} "
+                    f"(bad_samples='skip'); first: {messages[0]}",
+                    stacklevel=2,
+                )
         return self.datasets[split]
+
+    def report_bad(self, split: Split, kind: str, message: str) -> None:
+        """A bad metadata entry found while reading a split: ValueError, or counted and left out.
+
+        Readers call this and then leave the entry out. With ``bad_samples="error"`` it raises
+        ``ValueError(message)``; with ``"skip"`` it records the entry for one summary warning per split and kind.
+
+        Args:
+            split: the split being read.
+            kind: what was bad, plural, e.g. "empty class folder(s)", "out-of-range label(s)".
+            message: names the file / folder / line and what is allowed.
+        """
+        if self.bad_samples == "error":
+            raise ValueError(message)
+        self._setup_skips.setdefault(split, {}).setdefault(kind, []).append(message)
+
+    def drop_bad_labels(self, split: Split, samples: list[Sample], source: str) -> list[Sample]:
+        """``samples`` without those whose label is outside ``[0, num_classes)`` (or a ValueError naming one)."""
+        bad = bad_label_indices([y for _, y in samples], self.num_classes)
+        for i in bad:
+            path, label = samples[i]
+            self.report_bad(
+                split, "out-of-range label(s)", label_error(path, label, self.num_classes, source, len(bad))
+            )
+        drop = set(bad)
+        return [s for i, s in enumerate(samples) if i not in drop]
+
+    @property
+    def skipped_samples(self) -> dict[str, dict[str, int]]:
+        """Per split: entries left out at setup (per kind) and images skipped at load time ("images")."""
+        counts: dict[str, dict[str, int]] = {}
+        for split, kinds in self._setup_skips.items():
+            counts.setdefault(split, {}).update({k: len(v) for k, v in kinds.items()})
+        for split, dataset in self._loader_datasets.items():
+            counts.setdefault(split, {})["images"] = dataset.skipped
+        return counts
 
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
         for split in splits.get(stage, ("train", "val", "test")):
             self.get_dataset(split)
+        self._check_model_classes()
+
+    def _check_model_classes(self) -> None:
+        """The model's ``num_classes`` must fit the data's: soft targets are ``(B, num_classes)`` of the data."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        model_classes = getattr(module, "num_classes", None)
+        if not isinstance(model_classes, int) or isinstance(model_classes, bool):
+            return
+        if self.soft_targets and model_classes != self.num_classes:
+            raise ValueError(
+                f"The model has num_classes={model_classes} but {type(self).__name__} has {self.num_classes} "
+                "classes: Mixup / CutMix / label smoothing build (batch, num_classes) targets from the data's "
+                "classes, so the two must be equal"
+            )
+        if model_classes < self.num_classes:
+            raise ValueError(
+                f"The model has num_classes={model_classes} but {type(self).__name__} has {self.num_classes} "
+                "classes: labels up to num_classes - 1 would be outside the model's output"
+            )
 
     # ---------------------------------------------------------------------------------------------- loaders
 
@@ -362,30 +586,42 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """(world size, global rank) from the attached Trainer; (1, 0) without one."""
         if self.trainer is None:
             return 1, 0
-        return self.trainer.world_size, self.trainer.global_rank
+        return getattr(self.trainer, "world_size", 1), getattr(self.trainer, "global_rank", 0)
 
-    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+    def _loader_dataset(self, split: Split) -> SampleDataset:
+        """The split's dataset wrapped for a loader: per-sample seeds and the bad-sample policy."""
+        wrapped = SampleDataset(self.get_dataset(split), self.bad_samples, self.num_workers)
+        self._loader_datasets[split] = wrapped
+        self._reported_skips[split] = 0
+        return wrapped
+
+    def _loader_kwargs(self) -> dict[str, Any]:
         workers = self.num_workers
-        return DataLoader(
-            dataset,
+        return dict(
             batch_size=self.batch_size,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.accelerator.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
-            **kwargs,
         )
 
     def train_sampler(self, dataset: Dataset) -> RepeatedAugSampler:
-        """Seeded sampler of this rank's training indices.
+        """Seeded, resumable sampler of this rank's training indices, yielding ``(index, sample_seed)`` keys.
 
         Always a DistributedSampler (even with ``repeated_aug=1``), so Lightning's ``use_distributed_sampler``
         leaves it alone under DDP instead of wrapping and sharding it a second time.
         """
         world, rank = self._world()
-        return RepeatedAugSampler(dataset, self.repeated_aug, num_replicas=world, rank=rank, seed=self.seed)
+        return RepeatedAugSampler(
+            dataset, self.repeated_aug, num_replicas=world, rank=rank, seed=self.seed, with_seeds=True
+        )
 
-    def train_dataloader(self) -> DataLoader:
-        dataset = self.get_dataset("train")
+    def train_dataloader(self) -> StatefulDataLoader:
+        """A torchdata ``StatefulDataLoader``: its ``state_dict()`` (which Lightning checkpoints) resumes exactly.
+
+        Raises:
+            ValueError: fewer training images per device than ``batch_size``.
+        """
+        dataset = self._loader_dataset("train")
         sampler = self.train_sampler(dataset)
         if len(sampler) < self.batch_size:
             world, _ = self._world()
@@ -394,28 +630,40 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 f"device with {world} device(s), fewer than batch_size={self.batch_size}; training drops "
                 "incomplete batches, so no batch would be left. Lower batch_size."
             )
-        # Workers seed their augmentation RNGs from a base seed drawn from `generator`. Without one it comes
-        # from the global torch RNG, which Lightning seeds identically on every rank: the copies of an image
-        # that repeated augmentation sends to different ranks would then get identical augmentations.
+        # The worker base seed comes from `generator` (without one, from the global torch RNG, which this would
+        # then move). Augmentations do not depend on it: each sample is seeded from its key.
         _, rank = self._world()
-        generator = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([self.seed, rank]).generate_state(1)[0])
-        )
-        return self._loader(dataset, sampler=sampler, drop_last=True, generator=generator)
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, rank))
+        with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch function: not our concern
+            warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated")
+            return StatefulDataLoader(
+                dataset, sampler=sampler, drop_last=True, generator=generator, **self._loader_kwargs()
+            )
+
+    def _eval_loader(self, split: Split) -> DataLoader:
+        # Each rank evaluates its own shard without padding: every sample counted exactly once under DDP.
+        dataset = self._loader_dataset(split)
+        world, rank = self._world()
+        sampler = ShardedEvalSampler(dataset, num_replicas=world, rank=rank)
+        return DataLoader(dataset, sampler=sampler, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.get_dataset("val"), shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.get_dataset("test"), shuffle=False)
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.get_dataset("val"), shuffle=False)
+        return self._eval_loader("val")
 
     # -------------------------------------------------------------------------------------- batch on device
 
     def mix(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixup / CutMix / label smoothing of a training batch; targets become float ``(B, num_classes)``."""
+        """Mixup / CutMix / label smoothing of a training batch; targets become float ``(B, num_classes)``.
+
+        Each call draws its mixing parameters from NumPy seeded with (seed, rank, mix step), then advances the
+        step, so the draws do not depend on (or move) the global RNG and resume with :meth:`state_dict`.
+        """
         if self.mixup_enabled:
             if len(images) % 2:
                 raise ValueError(f"Mixup / CutMix need an even batch, got {len(images)} images")
@@ -429,7 +677,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
                     label_smoothing=self.label_smoothing,
                     num_classes=self.num_classes,
                 )
-            return self._mixup(images, targets)  # mixes images in place
+            _, rank = self._world()
+            with seeded_rng(mix_seed(self.seed, rank, self._mix_step)):
+                mixed = self._mixup(images, targets)  # mixes images in place
+            self._mix_step += 1
+            return mixed
         if self.label_smoothing > 0:
             return images, mixup_target(targets, self.num_classes, lam=1.0, smoothing=self.label_smoothing)
         return images, targets
@@ -438,7 +690,41 @@ class ImageClassificationDataModule(L.LightningDataModule):
         images, targets = batch
         # Only the training batches are mixed: validation / test targets stay int64 class indices.
         if self.trainer is not None and self.trainer.training:
+            self._maybe_report_skips()
             images, targets = self.mix(images, targets)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
+
+    # ----------------------------------------------------------------------------------- state and reports
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints by Lightning: the Mixup / CutMix step counter."""
+        return {"mix_step": self._mix_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._mix_step = int(state_dict.get("mix_step", 0))
+
+    def _maybe_report_skips(self) -> None:
+        epoch = getattr(self.trainer, "current_epoch", None)
+        if epoch != self._report_epoch:
+            if self._report_epoch is not None:
+                self.report_skips(f"epoch {self._report_epoch}")
+            self._report_epoch = epoch
+
+    def report_skips(self, when: str) -> None:
+        """Warn, per split, how many images were skipped at load time since the last report."""
+        for split, dataset in self._loader_datasets.items():
+            total = dataset.skipped
+            new = total - self._reported_skips.get(split, 0)
+            if new > 0:
+                warnings.warn(
+                    f"{type(self).__name__}: {new} bad {split} image(s) skipped and replaced in {when} "
+                    f"({total} since the loader was built; bad_samples='skip'; earlier warnings name the files)",
+                    stacklevel=2,
+                )
+            self._reported_skips[split] = total
+
+    def teardown(self, stage: str) -> None:
+        self.report_skips(f"{stage} (last part)")
+        self._report_epoch = None

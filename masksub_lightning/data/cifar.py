@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from masksub_lightning.data.base import ImageClassificationDataModule, Split
-from masksub_lightning.data.datasets import ArrayImageDataset, check_labels
+from masksub_lightning.data.datasets import ArrayImageDataset, bad_label_indices, label_error
 
 
 class CIFAR10DataModule(ImageClassificationDataModule):
@@ -69,11 +69,15 @@ class CIFAR10DataModule(ImageClassificationDataModule):
                 batch_labels = [int(y) for y in batch[self.labels_key]]
             except (KeyError, ValueError) as e:
                 raise ValueError(f"Malformed CIFAR batch {path}: {e!r}") from e
-            check_labels(
-                batch_labels, self.num_classes, lambda i, path=path: f"image {i} of {path}", str(path)
-            )
-            images.append(data.transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
-            labels += batch_labels
+            bad = bad_label_indices(batch_labels, self.num_classes)
+            for i in bad:
+                message = label_error(
+                    f"image {i} of {path}", batch_labels[i], self.num_classes, str(path), len(bad)
+                )
+                self.report_bad(split, "out-of-range label(s)", message)
+            keep = np.setdiff1d(np.arange(len(batch_labels)), bad)
+            images.append(data[keep].transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
+            labels += [batch_labels[i] for i in keep]
         source = f"{self.base_dir} ({split})"
         return ArrayImageDataset(
             np.ascontiguousarray(np.concatenate(images)), labels, self.num_classes, transform, source

@@ -7,22 +7,44 @@ odd image modes to RGB and one place that turns decode failures into errors nami
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
+
+from masksub_lightning.data.samplers import mix_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 
 Sample = tuple[str, int]
 
 
-class CorruptImageError(RuntimeError):
+class BadImageError(RuntimeError):
+    """An image of a dataset cannot be used; the message names the file. Skipped with ``bad_samples="skip"``."""
+
+
+class CorruptImageError(BadImageError):
     """An image file exists but cannot be decoded (corrupt, truncated or not an image)."""
+
+
+class ImageTooSmallError(BadImageError):
+    """An image's shorter side is below the DataModule's ``min_image_size``."""
+
+
+class ImageTransformError(BadImageError):
+    """The transform pipeline failed on an image (the original exception is chained)."""
+
+
+#: What a DataLoader raises for one unusable sample, and what ``bad_samples="skip"`` skips.
+BAD_SAMPLE_ERRORS = (BadImageError, FileNotFoundError)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -64,6 +86,12 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise CorruptImageError(f"Cannot decode image file {path}: {e}") from e
 
 
+def bad_label_indices(labels: Sequence[int], num_classes: int) -> list[int]:
+    """Positions of the labels outside ``[0, num_classes)``."""
+    arr = np.asarray(labels, dtype=np.int64)
+    return np.flatnonzero((arr < 0) | (arr >= num_classes)).tolist()
+
+
 def check_labels(labels: Sequence[int], num_classes: int, name_of: Callable[[int], str], source: str) -> None:
     """Raise a ValueError naming the first item whose label is outside ``[0, num_classes)``.
 
@@ -73,24 +101,31 @@ def check_labels(labels: Sequence[int], num_classes: int, name_of: Callable[[int
         name_of: item index -> its name (file path) for the message.
         source: where the labels were read from, for the message.
     """
-    arr = np.asarray(labels, dtype=np.int64)
-    bad = np.flatnonzero((arr < 0) | (arr >= num_classes))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(
-            f"{name_of(i)}: label {int(arr[i])} is outside [0, {num_classes}) "
-            f"({bad.size} bad label(s) in total, read from {source})"
-        )
+    bad = bad_label_indices(labels, num_classes)
+    if bad:
+        raise ValueError(label_error(name_of(bad[0]), int(labels[bad[0]]), num_classes, source, len(bad)))
+
+
+def label_error(name: str, label: int, num_classes: int, source: str, count: int = 1) -> str:
+    """The message for an out-of-range label (shared by the error and the skip warning)."""
+    return (
+        f"{name}: label {label} is outside [0, {num_classes}) "
+        f"({count} bad label(s) in total, read from {source})"
+    )
 
 
 class ImageListDataset(Dataset):
     """Images on disk given as ``(path, label)`` pairs; labels are checked against ``num_classes`` up front.
+
+    Every failure of one sample raises a :class:`BadImageError` (or FileNotFoundError) naming the file, in the
+    main process and in DataLoader workers alike (torch re-raises a worker's exception with its message).
 
     Args:
         samples: ``(image_path, label)`` pairs, labels already 0-based.
         num_classes: number of classes; every label must lie in ``[0, num_classes)``.
         transform: applied to the RGB PIL image.
         source: where the list was read from, quoted in error messages.
+        min_size: images whose shorter side is below this many pixels raise :class:`ImageTooSmallError`.
     """
 
     def __init__(
@@ -99,9 +134,11 @@ class ImageListDataset(Dataset):
         num_classes: int,
         transform: Callable | None = None,
         source: str = "",
+        min_size: int = 1,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.min_size = min_size
         check_labels([s[1] for s in self.samples], num_classes, lambda i: self.samples[i][0], source)
 
     @property
@@ -114,8 +151,17 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         img = load_rgb(path)
+        if min(img.size) < self.min_size:
+            raise ImageTooSmallError(
+                f"Image file {path} is {img.width}x{img.height} px, smaller than min_image_size={self.min_size}"
+            )
         if self.transform is not None:
-            img = self.transform(img)
+            try:
+                img = self.transform(img)
+            except Exception as e:  # name the file: a bare trace from inside a transform names nothing
+                raise ImageTransformError(
+                    f"The transform failed on image file {path} ({img.width}x{img.height} px): {e!r}"
+                ) from e
         return img, label
 
 
@@ -218,18 +264,22 @@ def list_class_dirs(split_dir: Path) -> list[str]:
 
 
 def list_images(class_dir: Path) -> list[str]:
-    """Sorted image files directly inside ``class_dir``; an empty class folder is an error naming it."""
-    files = sorted(
+    """Sorted image files directly inside ``class_dir`` (possibly none)."""
+    return sorted(
         e.path for e in os.scandir(class_dir) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
     )
-    if not files:
-        raise FileNotFoundError(
-            f"Class folder {class_dir} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
-        )
-    return files
 
 
-def scan_image_folder(split_dir: Path, class_names: Sequence[str], require_all: bool) -> list[Sample]:
+def empty_folder_error(class_dir: Path) -> str:
+    return f"Class folder {class_dir} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
+
+
+def scan_image_folder(
+    split_dir: Path,
+    class_names: Sequence[str],
+    require_all: bool,
+    on_empty: Callable[[str], None] | None = None,
+) -> list[Sample]:
     """``(path, label)`` pairs of an ImageFolder split ``split_dir/<class>/<image>``.
 
     Args:
@@ -237,6 +287,7 @@ def scan_image_folder(split_dir: Path, class_names: Sequence[str], require_all: 
         class_names: class folder names; a folder's label is its position in this list.
         require_all: a missing class folder is an error (train); otherwise it is skipped (a val split may
             lack a rare class).
+        on_empty: called with the message for a class folder without images; None: raise a ValueError.
     """
     samples: list[Sample] = []
     for label, name in enumerate(class_names):
@@ -245,5 +296,106 @@ def scan_image_folder(split_dir: Path, class_names: Sequence[str], require_all: 
             if require_all:
                 raise FileNotFoundError(f"Class folder {class_dir} does not exist")
             continue
-        samples.extend((path, label) for path in list_images(class_dir))
+        files = list_images(class_dir)
+        if not files:
+            if on_empty is None:
+                raise ValueError(empty_folder_error(class_dir))
+            on_empty(empty_folder_error(class_dir))
+        samples.extend((path, label) for path in files)
     return samples
+
+
+# ---------------------------------------------------------------------------------- what loaders index
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run the block with Python's, NumPy's and torch's CPU global RNGs seeded from ``seed``, then restore them.
+
+    timm / torchvision transforms draw from all three global RNGs. Restoring them afterwards keeps data
+    loading in the main process (``num_workers=0``) from shifting the model's random stream. Only the CPU
+    generator is touched: ``torch.manual_seed`` would also reseed (and not restore) every CUDA generator.
+    """
+    torch_state, py_state, np_state = (
+        torch.default_generator.get_state(),
+        random.getstate(),
+        np.random.get_state(),
+    )
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    try:
+        yield
+    finally:
+        torch.default_generator.set_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class SampleDataset(Dataset):
+    """What a DataModule's loaders index: per-sample augmentation seeds and the bad-sample policy.
+
+    Keys are indices, or ``(index, seed)`` pairs from :class:`RepeatedAugSampler` ``(with_seeds=True)``:
+    the sample is then loaded and augmented under :func:`seeded_rng` ``(seed)``, so its augmentation is a
+    function of (seed, epoch, position) only, identical in any worker, after any resume.
+
+    A sample that raises one of :data:`BAD_SAMPLE_ERRORS` is, with ``bad_samples="error"``, re-raised (the
+    message names the file); with ``"skip"`` it is replaced by another sample chosen deterministically from the
+    key, a warning names the file (once per process and file), and it is counted in :attr:`skip_counts`,
+    a shared-memory tensor with one slot per process (main = 0, worker w = w + 1).
+
+    Args:
+        dataset: the split's dataset.
+        bad_samples: "error" or "skip".
+        num_workers: the loader's worker count (sizes :attr:`skip_counts`).
+        max_attempts: replacements tried for one key before giving up (the dataset is then mostly unusable).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        bad_samples: Literal["error", "skip"] = "error",
+        num_workers: int = 0,
+        max_attempts: int = 100,
+    ) -> None:
+        self.dataset = dataset
+        self.bad_samples = bad_samples
+        self.max_attempts = max_attempts
+        # Shared memory: workers' increments are visible in the main process (fork and spawn alike).
+        self.skip_counts = torch.zeros(num_workers + 1, dtype=torch.int64).share_memory_()
+        self._known_bad: set[int] = set()  # per process: indices already found bad are not decoded again
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far, all processes together."""
+        return int(self.skip_counts.sum())
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        rng = seeded_rng(seed) if seed is not None else contextlib.nullcontext()
+        with rng:
+            return self._load(int(index), seed)
+
+    def _load(self, index: int, seed: int | None) -> Any:
+        last_error: BaseException | None = None
+        for attempt in range(self.max_attempts):
+            if index not in self._known_bad:
+                try:
+                    return self.dataset[index]
+                except BAD_SAMPLE_ERRORS as e:
+                    if self.bad_samples == "error":
+                        raise
+                    self._known_bad.add(index)
+                    warnings.warn(f"Skipping a bad sample (bad_samples='skip'): {e}", stacklevel=2)
+                    last_error = e
+            info = get_worker_info()
+            self.skip_counts[0 if info is None else info.id + 1] += 1
+            # The replacement depends only on the key, so a resumed run picks the same one.
+            index = mix_seed(index, seed if seed is not None else 0, attempt) % len(self)
+        raise RuntimeError(
+            f"{self.max_attempts} bad samples in a row while replacing one (bad_samples='skip'); most of the "
+            f"dataset is unreadable. Last error: {last_error}"
+        )

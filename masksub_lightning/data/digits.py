@@ -16,7 +16,15 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torchvision import transforms as T
 
-from masksub_lightning.data.base import ImageClassificationDataModule, Split
+from masksub_lightning.data.base import (
+    ImageClassificationDataModule,
+    Split,
+    _fail,
+    _HParam,
+    _is_number,
+    check_bool,
+    check_int,
+)
 from masksub_lightning.data.datasets import TensorImageDataset
 
 
@@ -69,6 +77,9 @@ class DigitsDataModule(ImageClassificationDataModule):
     """
 
     layout = "(no files: sklearn.datasets.load_digits ships with scikit-learn)"
+    val_fraction = _HParam()
+    split_seed = _HParam()
+    train_augment = _HParam()
 
     def __init__(
         self,
@@ -92,8 +103,10 @@ class DigitsDataModule(ImageClassificationDataModule):
         persistent_workers: bool = True,
         seed: int = 0,
     ) -> None:
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction!r} is invalid: must be in (0, 1)")
+        if not _is_number(val_fraction) or not 0.0 < val_fraction < 1.0:
+            _fail("val_fraction", val_fraction, "must be in (0, 1)")
+        check_int("split_seed", split_seed, minimum=0)
+        check_bool("train_augment", train_augment)
         super().__init__(
             root=None,
             batch_size=batch_size,
@@ -113,9 +126,6 @@ class DigitsDataModule(ImageClassificationDataModule):
             channels_last=channels_last,
             seed=seed,
         )
-        self.val_fraction = val_fraction
-        self.split_seed = split_seed
-        self.train_augment = train_augment
         self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def read_class_names(self) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.io import loadmat
 
-from masksub_lightning.data.base import ImageClassificationDataModule, Split
+from masksub_lightning.data.base import ImageClassificationDataModule, Split, _HParam, check_int
 from masksub_lightning.data.datasets import Sample, list_class_dirs
 
 
@@ -148,6 +148,7 @@ class FGVCAircraftDataModule(ImageClassificationDataModule):
         "<root>/fgvc-aircraft-2013b/data/images_variant_test.txt"
     )
     _class_files = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
+    annotation_level = _HParam()
 
     def __init__(
         self,
@@ -160,7 +161,6 @@ class FGVCAircraftDataModule(ImageClassificationDataModule):
                 f"annotation_level={annotation_level!r} is invalid: allowed: {', '.join(self._class_files)}"
             )
         super().__init__(root=root, **kwargs)
-        self.annotation_level = annotation_level
 
     def _data_dir(self) -> Path:
         return self.require(self.find_dir("fgvc-aircraft-2013b", "data") / "data", "data folder", kind="dir")
@@ -180,10 +180,13 @@ class FGVCAircraftDataModule(ImageClassificationDataModule):
         for lineno, line in enumerate(_read_lines(path), 1):
             image_id, _, label = line.partition(" ")
             if label not in index:
-                raise ValueError(
+                self.report_bad(
+                    split,
+                    "line(s) with an unknown class",
                     f"{path} line {lineno}: image {image_id}: class {label!r} is not in "
-                    f"{self._class_files[self.annotation_level]}"
+                    f"{self._class_files[self.annotation_level]}",
                 )
+                continue
             samples.append((str(data / "images" / f"{image_id}.jpg"), index[label]))
         return samples
 
@@ -265,7 +268,10 @@ class Food101DataModule(ImageClassificationDataModule):
         samples = []
         for cls, rel_paths in meta.items():
             if cls not in index:
-                raise ValueError(f"{path}: class {cls!r} is not among the classes of test.json")
+                self.report_bad(
+                    split, "unknown class(es)", f"{path}: class {cls!r} is not among the classes of test.json"
+                )
+                continue
             samples.extend((str(images.joinpath(*f"{rel}.jpg".split("/"))), index[cls]) for rel in rel_paths)
         return samples
 
@@ -284,11 +290,11 @@ class DTDDataModule(ImageClassificationDataModule):
         "<root>/dtd/dtd/labels/train1.txt, val1.txt, test1.txt   ('<class>/<file>.jpg' per line; 1..10)"
     )
 
+    partition = _HParam()
+
     def __init__(self, root: str, partition: int = 1, **kwargs: Any) -> None:
-        if not 1 <= partition <= 10:
-            raise ValueError(f"partition={partition!r} is invalid: must be an integer in [1, 10]")
+        check_int("partition", partition, minimum=1, maximum=10)
         super().__init__(root=root, **kwargs)
-        self.partition = partition
 
     def read_class_names(self) -> list[str]:
         return list_class_dirs(
@@ -303,8 +309,15 @@ class DTDDataModule(ImageClassificationDataModule):
             path = self.require(base / "labels" / f"{name}{self.partition}.txt", "split file", kind="file")
             for lineno, line in enumerate(_read_lines(path), 1):
                 cls, _, file = line.partition("/")
-                if cls not in index or not file:
+                if not file:
                     raise _bad_line(path, lineno, line, "'<class folder under images/>/<file>'")
+                if cls not in index:
+                    self.report_bad(
+                        split,
+                        "line(s) with an unknown class",
+                        f"{path} line {lineno}: class folder {cls!r} is not among the classes under images/",
+                    )
+                    continue
                 samples.append((str(base / "images" / cls / file), index[cls]))
         return samples
 

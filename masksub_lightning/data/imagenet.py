@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from masksub_lightning.data.base import ImageClassificationDataModule, Split
+from masksub_lightning.data.base import ImageClassificationDataModule, Split, _HParam, check_optional_str
 from masksub_lightning.data.datasets import Sample, list_class_dirs, scan_image_folder
 
 
@@ -29,9 +30,11 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         "<root>/test/<class>/<image>.jpg    (optional; val is used when absent)"
     )
 
+    class_list = _HParam()
+
     def __init__(self, root: str, class_list: str | None = None, **kwargs: Any) -> None:
+        check_optional_str("class_list", class_list, path=True)
         super().__init__(root=root, **kwargs)
-        self.class_list = class_list
 
     def read_class_names(self) -> list[str]:
         if self.class_list is None:
@@ -58,7 +61,12 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             extra = sorted(set(list_class_dirs(split_dir)) - set(self.class_names))
             if extra:
                 raise ValueError(f"{split_dir} has class folders that train/ lacks: {extra[:5]}")
-        return scan_image_folder(split_dir, self.class_names, require_all=split == "train")
+        return scan_image_folder(
+            split_dir,
+            self.class_names,
+            require_all=split == "train",
+            on_empty=partial(self.report_bad, split, "empty class folder(s)"),
+        )
 
 
 class ImageNetDataModule(ImageFolderDataModule):
@@ -82,4 +90,9 @@ class ImageNetDataModule(ImageFolderDataModule):
     def read_samples(self, split: Split) -> list[Sample]:
         split_dir = self.split_dir("val" if split == "test" else split)
         # A class list may name a subset, so extra val folders are fine; a missing class folder is not.
-        return scan_image_folder(split_dir, self.class_names, require_all=True)
+        return scan_image_folder(
+            split_dir,
+            self.class_names,
+            require_all=True,
+            on_empty=partial(self.report_bad, split, "empty class folder(s)"),
+        )

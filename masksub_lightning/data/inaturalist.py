@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from masksub_lightning.data.base import ImageClassificationDataModule, Split
+from masksub_lightning.data.base import ImageClassificationDataModule, Split, _HParam
 from masksub_lightning.data.datasets import Sample, list_class_dirs, scan_image_folder
 
 # version -> (train, val) annotation json (2018 / 2019) or image folder (2021) names.
@@ -46,14 +47,15 @@ class INaturalistDataModule(ImageClassificationDataModule):
         "  <root>/2021_valid/00000_Animalia_.../<file>.jpg"
     )
 
+    version = _HParam()
+
     def __init__(
         self, root: str, version: Literal["2018", "2019", "2021_mini", "2021"] = "2018", **kwargs: Any
     ) -> None:
-        version = str(version)  # a YAML `version: 2018` arrives as an int
+        version = str(version)  # a YAML `version: 2018` arrives as an int (saved as the string)
         if version not in _SPLITS:
             raise ValueError(f"version={version!r} is invalid: allowed: {', '.join(_SPLITS)}")
         super().__init__(root=root, **kwargs)
-        self.version = version
         self._category_index: dict[int, int] | None = None
 
     @property
@@ -87,7 +89,12 @@ class INaturalistDataModule(ImageClassificationDataModule):
     def read_samples(self, split: Split) -> list[Sample]:
         if not self.uses_json:
             split_dir = self.require(self.root_path / self._split_name(split), f"{split} folder", kind="dir")
-            return scan_image_folder(split_dir, self.class_names, require_all=split == "train")
+            return scan_image_folder(
+                split_dir,
+                self.class_names,
+                require_all=split == "train",
+                on_empty=partial(self.report_bad, split, "empty class folder(s)"),
+            )
         _ = self.class_names  # fills the category index
         assert self._category_index is not None
         data, path = self._read_json(self._split_name(split))
@@ -101,9 +108,12 @@ class INaturalistDataModule(ImageClassificationDataModule):
                 )
             label = self._category_index.get(ann["category_id"])
             if label is None:
-                raise ValueError(
+                self.report_bad(
+                    split,
+                    "annotation(s) with an unknown category_id",
                     f"{path}: image {file} has category_id {ann['category_id']}, which is not among "
-                    f"the {len(self._category_index)} categories of {self._split_name('val')}"
+                    f"the {len(self._category_index)} categories of {self._split_name('val')}",
                 )
+                continue
             samples.append((str(self.root_path / file), label))
         return samples

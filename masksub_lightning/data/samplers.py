@@ -1,8 +1,9 @@
-"""Repeated-augmentation sampler (DeiT / DeiT-III / RSB, Hoffer et al. 2020) that is a DistributedSampler.
+"""Samplers that are DistributedSamplers, so Lightning's ``use_distributed_sampler`` leaves them alone.
 
-Each epoch draws a seeded permutation, repeats every index ``num_repeats`` times in a row and deals the stream
-round-robin to the ranks, so the copies of one image land on different ranks (or in the same batch on a single
-device) and get different augmentations::
+:class:`RepeatedAugSampler` (training; DeiT / DeiT-III / RSB, Hoffer et al. 2020) draws a seeded permutation each
+epoch, repeats every index ``num_repeats`` times in a row and deals the stream round-robin to the ranks, so the
+copies of one image land on different ranks (or in the same batch on a single device) and get different
+augmentations::
 
     perm      = [7, 2, 5, ...]
     repeated  = [7, 7, 7, 2, 2, 2, 5, 5, 5, ...]
@@ -12,23 +13,47 @@ An epoch keeps the length of an ordinary epoch (``ceil(N / world_size)`` samples
 ``N / num_repeats`` distinct images; this is what DeiT's RASampler does (DeiT also rounds N down to a multiple
 of 256, which we skip: it changes nothing but the last few hundred images).
 
+It is resumable mid-epoch: ``state_dict()`` holds (epoch, position) and ``load_state_dict()`` makes the next
+iteration continue at that position, which torchdata's ``StatefulDataLoader`` uses. With ``with_seeds=True`` it
+yields ``(index, sample_seed)`` pairs, the seed a function of (seed, epoch, position in the global stream) only,
+so an augmentation can be reproduced after a resume whatever the number of workers.
+
+:class:`ShardedEvalSampler` (validation / test) gives rank r the indices ``r, r + world, ...`` with no padding,
+so every sample is evaluated exactly once over all ranks (Lightning's DistributedSampler pads with duplicates).
+
 Why not ``timm.data.distributed_sampler.RepeatAugSampler``: it is a plain ``Sampler``, so under DDP Lightning
 wraps it in ``DistributedSamplerWrapper`` and shards the already sharded stream a second time, and it
-seeds the shuffle with the epoch only. Subclassing ``DistributedSampler`` tells Lightning that the sampler
-already shards.
+seeds the shuffle with the epoch only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sized
+from typing import Any
 
 import torch
 from torch.utils.data import DistributedSampler
 
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed that depends on every value (splitmix64 finaliser chained over the values).
+
+    Cheap enough to call once per sample in pure Python, and unlike ``seed + epoch`` sums, neighbouring inputs
+    (epoch 1 / position 0 vs epoch 0 / position 1) give unrelated seeds.
+    """
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h >> 1
+
 
 class RepeatedAugSampler(DistributedSampler):
-    """Seeded, ``set_epoch``-aware repeated-augmentation sampler for one rank of ``num_replicas``.
+    """Seeded, ``set_epoch``-aware, resumable repeated-augmentation sampler for one rank of ``num_replicas``.
 
     With ``num_repeats=1`` it is an ordinary seeded shuffling DistributedSampler (``drop_last=False``: the
     stream wraps around so every rank gets the same count).
@@ -40,6 +65,7 @@ class RepeatedAugSampler(DistributedSampler):
         rank: this process's global rank.
         shuffle: shuffle each epoch (otherwise dataset order).
         seed: base seed; the order is a function of (seed, epoch, num_replicas, rank) only.
+        with_seeds: yield ``(index, sample_seed)`` pairs instead of indices (for :class:`SampleDataset`).
     """
 
     def __init__(
@@ -50,20 +76,25 @@ class RepeatedAugSampler(DistributedSampler):
         rank: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        with_seeds: bool = False,
     ) -> None:
-        if int(num_repeats) != num_repeats or num_repeats < 1:
-            raise ValueError(f"num_repeats must be an integer >= 1, got {num_repeats}")
+        if isinstance(num_repeats, bool) or int(num_repeats) != num_repeats or num_repeats < 1:
+            raise ValueError(f"num_repeats={num_repeats!r} is invalid: must be an integer >= 1")
         # Explicit num_replicas / rank: the parent then never touches torch.distributed.
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.num_repeats = int(num_repeats)
+        self.with_seeds = with_seeds
         n = len(dataset)
         # Length of the repeated stream padded to a multiple of the world size, and this rank's share of it.
         self.num_samples = math.ceil(n * self.num_repeats / num_replicas)
         self.total_size = self.num_samples * num_replicas
         # Per-rank epoch length: as many samples as a plain DistributedSampler would give.
         self.num_selected = min(math.ceil(n / num_replicas), self.num_samples)
+        self.position = 0  # samples of the current epoch handed out so far
+        self._resume_at: int | None = None
 
-    def __iter__(self) -> Iterator[int]:
+    def indices(self) -> list[int]:
+        """This rank's indices of the current epoch, in order."""
         n = len(self.dataset)
         if self.shuffle:
             g = torch.Generator()
@@ -74,7 +105,87 @@ class RepeatedAugSampler(DistributedSampler):
         stream = torch.repeat_interleave(order, self.num_repeats).tolist()
         # Pad by wrapping around so every rank gets the same count.
         stream = (stream * math.ceil(self.total_size / len(stream)))[: self.total_size]
-        return iter(stream[self.rank : self.total_size : self.num_replicas][: self.num_selected])
+        return stream[self.rank : self.total_size : self.num_replicas][: self.num_selected]
+
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        # Read the resume position now, not lazily in a generator: the loader may build an iterator, drop it
+        # unused and build another (torchdata does after loading a finished state).
+        start, self._resume_at = self._resume_at or 0, None
+        self.position = start
+        return self._generate(self.indices(), start, self.epoch)
+
+    def _generate(self, indices: list[int], start: int, epoch: int) -> Iterator[Any]:
+        for position in range(start, len(indices)):
+            self.position = position + 1
+            if self.with_seeds:
+                # Position in the global (all-rank) stream: the copies of an image on other ranks differ.
+                yield indices[position], mix_seed(self.seed, epoch, position * self.num_replicas + self.rank)
+            else:
+                yield indices[position]
 
     def __len__(self) -> int:
         return self.num_selected
+
+    def set_epoch(self, epoch: int) -> None:
+        # A different epoch starts from its beginning; the same epoch keeps a loaded resume position
+        # (Lightning calls set_epoch with the resumed epoch after load_state_dict).
+        if epoch != self.epoch:
+            self._resume_at = None
+        super().set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the stream stands: epoch and samples handed out, plus what must match to resume exactly."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_replicas": self.num_replicas,
+            "rank": self.rank,
+            "num_repeats": self.num_repeats,
+            "dataset_size": len(self.dataset),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at ``state``'s epoch and position on the next ``iter()``.
+
+        Raises:
+            ValueError: the state comes from a different seed, world size, rank, repeat count or dataset size,
+                so the stream it describes is not this sampler's.
+        """
+        for key in ("seed", "num_replicas", "rank", "num_repeats", "dataset_size"):
+            mine = len(self.dataset) if key == "dataset_size" else getattr(self, key)
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"RepeatedAugSampler state has {key}={state[key]!r} but this sampler has {key}={mine!r}: "
+                    "an exact resume needs the same seed, world size, repeated_aug and dataset"
+                )
+        self.epoch = int(state["epoch"])
+        position = int(state["position"])
+        if position >= self.num_selected:  # the saved epoch was complete: the next one starts from scratch
+            self.epoch, position = self.epoch + 1, 0
+        self._resume_at = position
+        self.position = position
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """Rank r of ``num_replicas`` gets indices ``r, r + num_replicas, ...``: no padding, no shuffling.
+
+    Shards differ in length by at most one sample; metrics that sum counts over ranks (torchmetrics) are then
+    exactly the single-process numbers. A DistributedSampler subclass, so Lightning does not replace it.
+
+    Args:
+        dataset: the dataset (only its length is used).
+        num_replicas: world size.
+        rank: this process's global rank.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -73,15 +73,15 @@ def test_datamodule_sampler_follows_trainer_world_and_lightning_does_not_wrap_it
     assert not trainer._data_connector._requires_distributed_sampler(loader)
     prepared = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
     assert prepared is loader
-    # Same order as a sampler built by hand for rank 0 of 2.
-    assert list(sampler) == _indices(1437, 2, 0, seed=5)
+    # Same order as a sampler built by hand for rank 0 of 2; the loader's keys are (index, sample seed) pairs.
+    assert sampler.indices() == [i for i, _ in sampler] == _indices(1437, 2, 0, seed=5)
 
 
 def test_single_device_loader_without_trainer():
     dm = DigitsDataModule(batch_size=8, seed=1)
     loader = dm.train_dataloader()
     assert (loader.sampler.num_replicas, loader.sampler.num_repeats) == (1, 1)
-    assert sorted(loader.sampler) == list(range(1437))
+    assert sorted(loader.sampler.indices()) == list(range(1437))
     dm.trainer = SimpleNamespace(world_size=1, global_rank=0, training=False)
     assert list(dm.train_dataloader().sampler) == list(loader.sampler)  # same seed -> same order
 
@@ -100,7 +100,7 @@ class _RecordSampler(L.LightningModule):
             type=type(sampler).__name__,
             replicas=sampler.num_replicas,
             epoch=sampler.epoch,
-            indices=list(sampler),
+            indices=sampler.indices(),
         )
         path = Path(self.out) / f"rank{self.global_rank}_epoch{self.current_epoch}.json"
         path.write_text(json.dumps(record))
