@@ -1,19 +1,16 @@
 """Load a local MAE / CLIP / DeiT-III / timm weights file into a timm model, on top of timm's own loader.
 
-The pipeline, each step small and in timm's terms::
+Steps (each a small function)::
 
-    timm.models.load_state_dict        read .safetensors, or a pickle with weights_only=True; unwrap "state_dict" /
-                                       "model"; strip DDP "module." / torch.compile "_orig_mod." prefixes
-    + _read                            DeepSpeed's "module" container, the "model." attribute prefix of a
-                                       MaskSubModule Lightning checkpoint, argparse.Namespace allowed (MAE / DeiT args)
-    -> _convert_format (source)        mae: decoder dropped; clip: OpenAI text tower dropped; deit3: gamma_1/2 ->
-                                       ls1/ls2.gamma
-    -> _fix_pos_embed_layout           class-token slot of pos_embed added / folded into cls_token (exact)
-    -> the model module's own          timm's checkpoint_filter_fn: pos_embed / patch kernel resampling, OpenAI CLIP
-       checkpoint_filter_fn            names, ...
-    -> _select                         norm dropped when the model pools before a fresh fc_norm (MAE fine-tuning),
-                                       ``exclude``, a classifier of another shape, tensors that do not fit
-    -> model.load_state_dict(strict=False) -> LoadReport
+    _read                   timm's load_state_dict (.safetensors, or a pickle read with weights_only=True;
+                            "state_dict" / "model" unwrapped; DDP / torch.compile prefixes removed) + DeepSpeed's
+                            "module" and the "model." prefix of a MaskSubModule Lightning checkpoint
+    _convert_format         mae: decoder dropped; clip: OpenAI text tower dropped; deit3: gamma_1/2 -> ls1/ls2.gamma
+    _fix_pos_embed_layout   class-token slot of pos_embed added / folded into cls_token (exact)
+    _apply_timm_filter      the model module's checkpoint_filter_fn: resampling, OpenAI CLIP names, ...
+    _select                 norm dropped when the model pools before a fresh fc_norm (MAE fine-tuning), ``exclude``,
+                            a classifier of another shape, tensors that do not fit
+    model.load_state_dict(strict=False) -> LoadReport
 
 Example::
 
@@ -310,11 +307,7 @@ def _select(
 
 
 def _check_coverage(
-    sd: dict[str, Tensor],
-    model_sd: dict[str, Tensor],
-    mismatched: dict[str, str],
-    report: LoadReport,
-    strict: bool,
+    sd: dict, model_sd: dict, mismatched: dict[str, str], report: LoadReport, strict: bool
 ) -> None:
     """Refuse, before anything is loaded, a checkpoint of another architecture (or any gap with ``strict``)."""
     expected = set(report.head_keys) | set(report.kept_fresh)
@@ -323,9 +316,10 @@ def _check_coverage(
     if encoder and len(encoder) - len(missing) < _MIN_COVERAGE * len(encoder):
         foreign = [k for k in sd if k not in model_sd] + [f"{k} ({r})" for k, r in mismatched.items()]
         raise ValueError(
-            f"{report.path} matches only {len(encoder) - len(missing)} of the model's {len(encoder)} non-classifier "
-            f"tensors (source {report.source!r}): probably the wrong model name / size or the wrong source. Model "
-            f"keys not in the checkpoint: {_listed(missing, 5)}. Checkpoint keys not in the model: {_listed(foreign, 5)}."
+            f"{report.path} matches only {len(encoder) - len(missing)} of the model's {len(encoder)} "
+            f"non-classifier tensors (source {report.source!r}): probably the wrong model name / size or the wrong "
+            f"source. Model keys not in the checkpoint: {_listed(missing, 5)}. Checkpoint keys not in the model: "
+            f"{_listed(foreign, 5)}."
         )
     if strict and missing:
         raise RuntimeError(
@@ -406,5 +400,6 @@ def _check_arguments(path: Path, source: str, exclude: Sequence[str], model_sd: 
         raise FileNotFoundError(f"Pre-trained weights file not found: {path}")
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise ValueError(
-            f"Unsupported weights file suffix {path.suffix!r} ({path}); expected one of {', '.join(SUPPORTED_SUFFIXES)}."
+            f"Unsupported weights file suffix {path.suffix!r} ({path}); expected one of "
+            f"{', '.join(SUPPORTED_SUFFIXES)}."
         )
