@@ -28,8 +28,8 @@ from test_recipes import (
     CONFIGS,
     CPU_RUN,
     FAKE_DATA,
-    fake,  # noqa: F401  (fixture)
-    parser,  # noqa: F401  (fixture)
+    make_fake,
+    make_parser,
     resolve,
     shrink,
     weights_format,
@@ -39,6 +39,16 @@ from masksub_lightning.cli import build_cli
 from masksub_lightning.network import drop_path_rates
 
 STEPS_PER_EPOCH = 4
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return make_parser()
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    return make_fake(tmp_path_factory.mktemp("fidelity"))
 
 
 class _StopAfterFirstStep(L.Callback):

@@ -193,11 +193,15 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def parser():
+def make_parser():
     """The `masksub` CLI's own parser (subcommands fit / validate / ...), captured before it parses anything."""
     with mock.patch.object(sys, "argv", ["masksub"]):  # LightningCLI warns when pytest's argv is set too
         return capture_parser(lambda: build_cli(args=["fit"]))
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return make_parser()
 
 
 _RESOLVED: dict[str, dict[str, Any]] = {}
@@ -497,8 +501,11 @@ def write_lightning_checkpoint(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory):
+    return make_fake(tmp_path_factory.mktemp("recipes"))
+
+
+def make_fake(root: Path) -> argparse.Namespace:
     """Fake datasets (written on first use) and fake pre-trained weights in each recipe family's format."""
-    root = tmp_path_factory.mktemp("recipes")
     weights = {
         "mae": root / "mae_pretrain_vit_tiny.pth",
         "clip": root / "clip_vit_tiny.pth",
