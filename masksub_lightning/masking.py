@@ -53,6 +53,27 @@ def upsample_grid_mask(mask: Tensor, cell_size: int, out_hw: tuple[int, int]) ->
     return full[:, : out_hw[0], : out_hw[1]]
 
 
+def tiling_cell_sizes(hw: tuple[int, int], min_cells: int = 4) -> list[int]:
+    """Every cell side that tiles an (H, W) grid exactly into at least ``min_cells`` cells, largest first."""
+    side = math.gcd(hw[0], hw[1])
+    return [d for d in range(side, 0, -1) if side % d == 0 and (hw[0] // d) * (hw[1] // d) >= min_cells]
+
+
+def tiling_cell_size(hw: tuple[int, int], cell_size: int, min_cells: int = 4) -> int | None:
+    """The cell side a mask of ``cell_size`` cells uses on an (H, W) grid, or None when no side qualifies.
+
+    The largest side ``d <= cell_size`` that tiles the grid exactly (``d`` divides H and W) into at least
+    ``min_cells`` cells, and no smaller than half of ``cell_size``. Exact tiling makes every cell the same size, so
+    the masked fraction of every sample is ``num_masked_cells(G, ratio) / G``; at least 4 cells keep that within
+    1/8 of the ratio (a single cell would be masked entirely or not at all). Examples for ``cell_size`` 32:
+    224 -> 32 (7 x 7 cells), 32 -> 16 (2 x 2), 40 -> 20, 380 -> 20, 227 -> None.
+    """
+    for side in tiling_cell_sizes(hw, min_cells):
+        if side <= cell_size:
+            return side if 2 * side >= cell_size else None
+    return None
+
+
 def grid_shape(hw: tuple[int, int], cell_size: int) -> tuple[int, int]:
     """Cells needed to cover an (H, W) image with ``cell_size`` cells; a partial last row / column is a cell too."""
     return math.ceil(hw[0] / cell_size), math.ceil(hw[1] / cell_size)

@@ -165,7 +165,9 @@ class MaskSubModule(L.LightningModule):
         if freeze:
             network.freeze(self.model, freeze)
         self.criterion = MaskSubLoss(loss, label_smoothing, bce_target_threshold)
-        self.sub_branch = build_sub_branch(sub_branch, sub_ratio, **(sub_branch_kwargs or {}))
+        self.sub_branch = build_sub_branch(
+            sub_branch, sub_ratio, model=self.model, **(sub_branch_kwargs or {})
+        )
         self.sub_branch.setup(self.model)
 
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)
@@ -299,6 +301,26 @@ class MaskSubModule(L.LightningModule):
     def sub_branch_forward(self, images: Tensor) -> Tensor:
         """Sub-branch logits: the same network under the sub-branch's perturbation. Override to customise."""
         return self.sub_branch.forward(self.model, images)
+
+    def set_sub_branch(self, kind: str | SubBranch, ratio: float | None = None, **kwargs: Any) -> None:
+        """Switch the sub-branch kind: tear the current one down, set the new one up (``ratio``: keep the current).
+
+        The optimizer is built when fitting starts, so switch between fits (a parameter such as ``mask_token``'s
+        token comes and goes with its kind).
+        """
+        ratio = self.sub_branch.ratio if ratio is None else ratio
+        new = build_sub_branch(kind, ratio, model=self.model, **kwargs)
+        self.sub_branch.teardown(self.model)
+        try:
+            new.setup(self.model)
+        except Exception:
+            self.sub_branch.setup(self.model)  # leave the module as it was
+            raise
+        self.sub_branch = new
+        if isinstance(kind, str):  # so that a checkpoint saved from now on rebuilds this kind
+            self.hparams.update(sub_branch=kind, sub_ratio=ratio, sub_branch_kwargs=kwargs or None)
+        else:  # an object is not a hyperparameter (see __init__)
+            self.hparams.pop("sub_branch", None)
 
     def main_loss(self, main_logits: Tensor, target: Tensor) -> Tensor:
         """The recipe's loss of the main branch against the (possibly mixed) labels. Override to customise."""

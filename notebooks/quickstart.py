@@ -41,7 +41,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from masksub_lightning import MaskSubModule
 from masksub_lightning.data import DigitsDataModule
-from masksub_lightning.subbranch import PixelMask
+from masksub_lightning.subbranch import PixelMaskSubBranch
 
 # Training length of each run. The default gives a meaningful comparison in a few minutes on 2 CPU cores;
 # the notebook test sets MASKSUB_NOTEBOOK_EPOCHS=1 to run it quickly.
@@ -180,7 +180,7 @@ print(f"training time: MaskSub {masksub_seconds:.0f} s, baseline {baseline_secon
 #
 # After a sub-branch forward, `module.sub_branch.last_mask` is the (B, H, W) pixel mask it applied (`True` =
 # masked). For the ViT the masked pixels are whole 8x8 patches whose tokens were dropped after the position
-# embedding: the transformer never sees them (drawn in red). A CNN cannot drop tokens, so `PixelMask` (what
+# embedding: the transformer never sees them (drawn in red). A CNN cannot drop tokens, so `PixelMaskSubBranch` (what
 # `"mask"` resolves to for non-ViT models) zeroes random cells of a pixel grid instead; the paper uses 32-pixel
 # cells on 224-pixel images, and 8-pixel cells give a comparable 4x4 grid on these 32-pixel digits. Zero in the
 # normalised input is mid-gray.
@@ -200,7 +200,7 @@ vit.eval()
 token_mask = masksub_model.sub_branch.last_mask  # (8, 32, 32) bool, True = dropped token
 print(f"ViT token drop: {masksub_model.sub_branch!r}, masked fraction {token_mask.float().mean().item():.2f}")
 
-pixel_branch = PixelMask(0.5, cell_size=8)
+pixel_branch = PixelMaskSubBranch(0.5, cell_size=8)
 with pixel_branch.perturbed(vit, images) as pixel_masked:  # yields the zeroed images; the model is untouched
     pass
 print(f"CNN pixel mask: {pixel_branch!r}, masked fraction {pixel_branch.last_mask.float().mean().item():.2f}")
@@ -214,7 +214,7 @@ def to_display(batch):
 rows = [
     ("original", to_display(images), None),
     ("ViT sub-branch\n(dropped tokens)", to_display(images), token_mask.numpy()),
-    ("CNN sub-branch\n(PixelMask, 8 px)", to_display(pixel_masked), None),
+    ("CNN sub-branch\n(PixelMaskSubBranch, 8 px)", to_display(pixel_masked), None),
 ]
 cmap = plt.get_cmap("gray").with_extremes(bad="tab:red")
 fig, axes = plt.subplots(len(rows), len(images), figsize=(1.5 * len(images), 1.6 * len(rows)))
