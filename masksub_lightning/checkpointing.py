@@ -310,12 +310,15 @@ def check_output_dir(path: str | os.PathLike, what: str, need_bytes: int = 0) ->
     free = shutil.disk_usage(target).free
     if free < need_bytes:
         raise OutputDirError(
-            f"{what} {text} has {_mib(free)} free but a checkpoint needs at least {_mib(need_bytes)}"
+            f"{what} {text} has {_size(free)} free but a checkpoint needs at least {_size(need_bytes)}"
         )
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def checkpoint_size_lower_bound(module: torch.nn.Module) -> int:
