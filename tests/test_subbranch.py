@@ -96,6 +96,10 @@ def test_a_new_kind_is_a_small_registered_class():
         assert isinstance(branch, Flip) and branch.name == "test_flip" and branch.ratio == 0.1
     finally:
         SUB_BRANCHES.pop("test_flip")
+    for taken in ("mask", "dropout"):  # a model-dependent name and a kind's name cannot be registered again
+        with pytest.raises(ValueError, match=rf"{taken!r} is already registered"):
+            register_sub_branch(taken)(type("Other", (SubBranch,), {}))
+    assert SUB_BRANCHES["dropout"] is DropoutSubBranch and "mask" not in SUB_BRANCHES
 
 
 # ---------------------------------------------------------------------------------------------- token mask
