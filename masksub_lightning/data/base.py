@@ -40,7 +40,8 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import timm
 import torch
-from timm.data import Mixup, create_transform
+from PIL import Image
+from timm.data import Mixup, auto_augment, create_transform
 from timm.data.mixup import mixup_target
 from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import DataLoader, Dataset
@@ -99,6 +100,57 @@ def check_bool(name: str, value: Any) -> None:
 def check_optional_str(name: str, value: Any, path: bool = False) -> None:
     if value is not None and not isinstance(value, (str, os.PathLike) if path else str):
         _fail(name, value, f"must be a {'path' if path else 'string'} or None")
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize op, also for 0 bits: Pillow >= 12 raises there ("bits must be between 1 and 8"), which
+    timm's "PosterizeIncreasing" reaches at magnitude 10 (RandAugment "m9-mstd0.5" about once in 40 draws of
+    the op). Keeping 0 bits gives a black image, as older Pillow and the TensorFlow reference did."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _patch_posterize(transform: Any) -> None:
+    """Swap :func:`_posterize` into every timm AutoAugment / RandAugment / AugMix posterize op of ``transform``."""
+    if isinstance(transform, T.Compose):
+        for t in transform.transforms:
+            _patch_posterize(t)
+        return
+    ops = list(getattr(transform, "ops", []))
+    ops += [op for sub in getattr(transform, "policy", []) for op in sub]
+    for op in ops:
+        if getattr(op, "aug_fn", None) is auto_augment.posterize:
+            op.aug_fn = _posterize
+
+
+class _LazyIterator:
+    """An iterator that calls ``start()`` for the real one at the first ``next()``."""
+
+    def __init__(self, start: Callable[[], Any]) -> None:
+        self._start = start
+        self._it: Any = None
+
+    def __iter__(self) -> _LazyIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self._it = self._start()
+        return next(self._it)
+
+
+class TrainLoader(StatefulDataLoader):
+    """torchdata's StatefulDataLoader, except that ``iter()`` starts the epoch only at the first ``next()``.
+
+    On resume Lightning calls ``iter()`` (which restores a loaded state and, with workers, immediately
+    dispatches indices) before ``sampler.set_epoch()``. Deferring the start lets the sampler see the epoch
+    Lightning will actually run, so a checkpoint from an epoch that Lightning ended early
+    (``limit_train_batches``) starts the next epoch from its beginning instead of continuing the saved one.
+    """
+
+    def __iter__(self) -> Any:  # type: ignore[override]
+        return _LazyIterator(super().__iter__)
 
 
 class _HParam:
@@ -503,7 +555,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
             if self.hflip > 0:
                 geometric.append(T.RandomHorizontalFlip(self.hflip))
             primary = T.Compose(geometric)
-        return T.Compose([primary, secondary, final])
+        pipeline = T.Compose([primary, secondary, final])
+        _patch_posterize(pipeline)
+        return pipeline
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -615,7 +669,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             dataset, self.repeated_aug, num_replicas=world, rank=rank, seed=self.seed, with_seeds=True
         )
 
-    def train_dataloader(self) -> StatefulDataLoader:
+    def train_dataloader(self) -> TrainLoader:
         """A torchdata ``StatefulDataLoader``: its ``state_dict()`` (which Lightning checkpoints) resumes exactly.
 
         Raises:
@@ -636,7 +690,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(mix_seed(self.seed, rank))
         with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch function: not our concern
             warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated")
-            return StatefulDataLoader(
+            return TrainLoader(
                 dataset, sampler=sampler, drop_last=True, generator=generator, **self._loader_kwargs()
             )
 

@@ -108,13 +108,15 @@ class RepeatedAugSampler(DistributedSampler):
         return stream[self.rank : self.total_size : self.num_replicas][: self.num_selected]
 
     def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
-        # Read the resume position now, not lazily in a generator: the loader may build an iterator, drop it
-        # unused and build another (torchdata does after loading a finished state).
+        # Take the resume position now, not lazily in the generator: the loader may build an iterator, drop it
+        # unused and build another (torchdata does after loading a finished state). The epoch is read lazily,
+        # at the first sample, as with a plain DataLoader (set_epoch may come between iter() and next()).
         start, self._resume_at = self._resume_at or 0, None
         self.position = start
-        return self._generate(self.indices(), start, self.epoch)
+        return self._generate(start)
 
-    def _generate(self, indices: list[int], start: int, epoch: int) -> Iterator[Any]:
+    def _generate(self, start: int) -> Iterator[Any]:
+        epoch, indices = self.epoch, self.indices()
         for position in range(start, len(indices)):
             self.position = position + 1
             if self.with_seeds:
@@ -159,10 +161,15 @@ class RepeatedAugSampler(DistributedSampler):
                     f"RepeatedAugSampler state has {key}={state[key]!r} but this sampler has {key}={mine!r}: "
                     "an exact resume needs the same seed, world size, repeated_aug and dataset"
                 )
-        self.epoch = int(state["epoch"])
-        position = int(state["position"])
+        epoch, position = int(state["epoch"]), int(state["position"])
         if position >= self.num_selected:  # the saved epoch was complete: the next one starts from scratch
-            self.epoch, position = self.epoch + 1, 0
+            epoch, position = epoch + 1, 0
+        if self.epoch > epoch:
+            # set_epoch already moved on: Lightning ended the saved epoch early (limit_train_batches) and now
+            # runs the next one, which starts from its beginning.
+            self._resume_at = None
+            return
+        self.epoch = epoch
         self._resume_at = position
         self.position = position
 

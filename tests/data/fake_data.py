@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,17 @@ def decode_labels(images: torch.Tensor, mean, std) -> torch.Tensor:
     return idx[:, 0] * 36 + idx[:, 1] * 6 + idx[:, 2]
 
 
-def write_image(path: Path, label: int, size: tuple[int, int] = (40, 36), mode: str = "RGB") -> Path:
+def write_image(
+    path: Path, label: int, size: tuple[int, int] = (40, 36), mode: str = "RGB", noise: int = 0
+) -> Path:
+    """A solid ``color_of(label)`` image; ``noise > 0`` adds seeded uniform noise of that amplitude (a texture
+    that crops, flips and colour ops visibly change, at the cost of exact colour decoding)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.new("RGB", size, color_of(label))
+    if noise:
+        rng = np.random.default_rng(zlib.crc32(path.name.encode()))
+        arr = np.asarray(img, dtype=np.int16) + rng.integers(-noise, noise + 1, (size[1], size[0], 3))
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     if mode != "RGB":
         img = img.convert(mode)
     img.save(path)
@@ -57,7 +66,9 @@ def _write_lines(path: Path, lines) -> None:
 # ----------------------------------------------------------------------------------------------- folders
 
 
-def write_image_folder(root: Path, classes=("cat", "dog", "eel"), n_train=2, n_val=1, test=False) -> dict:
+def write_image_folder(
+    root: Path, classes=("cat", "dog", "eel"), n_train=2, n_val=1, test=False, noise: int = 0
+) -> dict:
     """``root/train/<class>/*.jpg``, ``root/val/...`` (and ``root/test/...``); classes sorted -> labels."""
     exts = (".jpg", ".png", ".JPEG")
     labels = {"train": [], "val": [], "test": []}
@@ -65,7 +76,7 @@ def write_image_folder(root: Path, classes=("cat", "dog", "eel"), n_train=2, n_v
     for label, cls in enumerate(sorted(classes)):
         for split, n in splits.items():
             for i in range(n):
-                write_image(root / split / cls / f"{cls}_{i}{exts[i % 3]}", label)
+                write_image(root / split / cls / f"{cls}_{i}{exts[i % 3]}", label, noise=noise)
                 labels[split].append(label)
     if not test:
         labels["test"] = labels["val"]
