@@ -198,14 +198,15 @@ def _top1(value: float | None) -> str:
 
 
 def format_table(recipes: Sequence[Recipe]) -> str:
-    """A plain-text table: recipe, model, epochs, sub-branch, target top-1, baseline top-1, note."""
-    header = ("recipe", "model", "epochs", "sub-branch", "target", "baseline", "note")
+    """A plain-text table: recipe, model, epochs, sub-branch, global batch, target / baseline top-1, note."""
+    header = ("recipe", "model", "epochs", "sub-branch", "batch", "target", "baseline", "note")
     rows = [
         (
             r.path,
             r.model,
             str(r.epochs),
             r.sub_branch,
+            str(r.global_batch),
             _top1(r.target_top1),
             _top1(r.baseline_top1),
             r.note,
@@ -213,7 +214,7 @@ def format_table(recipes: Sequence[Recipe]) -> str:
         for r in recipes
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    right = {2, 4, 5}  # numbers
+    right = {2, 4, 5, 6}  # numbers
 
     def line(row: Sequence[str]) -> str:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]

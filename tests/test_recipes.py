@@ -671,10 +671,10 @@ def test_recipes_command_lists_every_recipe_with_its_target(capsys):
     assert set(lines) == set(BY_PATH)
     for recipe in RECIPES:
         cells = lines[recipe.path].split()
-        assert cells[1:4] == [recipe.model, str(recipe.epochs), recipe.sub_branch]
+        assert cells[1:5] == [recipe.model, str(recipe.epochs), recipe.sub_branch, str(recipe.global_batch)]
         target = "-" if recipe.target_top1 is None else f"{recipe.target_top1:.1f}"
         baseline = "-" if recipe.baseline_top1 is None else f"{recipe.baseline_top1:.1f}"
-        assert cells[4:6] == [target, baseline], recipe.path
+        assert cells[5:7] == [target, baseline], recipe.path
     assert f"{len(RECIPES)} recipe(s)" in out
 
 
