@@ -108,10 +108,17 @@ def main(args: list[str] | None = None) -> None:
         )
         raise SystemExit(2)
     try:
-        build_cli(argv)
+        build_cli(args)  # None: LightningCLI reads sys.argv itself
     except ConfigError as err:
         print(f"masksub: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RuntimeError as err:
+        # The module's non-finite-loss guard stops a diverged run with a message naming the step and the last
+        # good checkpoint: that message is the whole story (exit 1: the run failed, the inputs were fine).
+        if type(err).__name__ != "NonFiniteLossError":
+            raise
+        print(f"masksub: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> Any:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
-from masksub_lightning.cli import main
+from masksub_lightning.checkpointing import AlwaysLastCheckpoint, AtomicCheckpointIO
+from masksub_lightning.cli import ConfigError, build_cli, check_data_fits_model, is_setup_error, main
 
 ROOT = Path(__file__).resolve().parents[1]
 # The paper recipes under configs/<family>/ are parsed and stepped by tests/test_recipes.py.
@@ -122,3 +129,341 @@ def test_console_script_exit_codes(tmp_path):
     )
     assert bad.returncode == 2
     assert "masksub: error: sub_ratio must be in [0, 1), got 1.5" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------ fast help, no torch
+NO_TORCH = """
+import sys
+from masksub_lightning.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+heavy = sorted(m for m in ("torch", "lightning", "jsonargparse", "timm") if m in sys.modules)
+print("HEAVY", heavy)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["recipes", "--filter", "mae/"]])
+def test_help_and_recipes_do_not_import_torch(args):
+    run = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert "HEAVY []" in run.stdout
+    if args[0] != "recipes":
+        for command in ("fit", "validate", "test", "predict", "recipes"):
+            assert f"\n  {command} " in run.stdout
+    else:
+        assert "mae/vit_huge.yaml" in run.stdout
+
+
+def test_bare_command_prints_help_and_unknown_command_is_named(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "usage: masksub <command>" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fitt", "--config", str(QUICKSTART)])
+    assert exit_info.value.code == 2
+    assert (
+        "unknown command 'fitt'; commands: fit, validate, test, predict, recipes" in capsys.readouterr().err
+    )
+
+
+def test_the_cli_writes_checkpoints_atomically_and_keeps_last_current():
+    cli = build_cli(["--config", str(QUICKSTART)], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert isinstance(cli.trainer.checkpoint_callback, AlwaysLastCheckpoint)
+    assert cli.trainer.checkpoint_callback.save_last is True
+
+
+# ----------------------------------------------------------------------------------------- resume and errors
+@contextlib.contextmanager
+def _cwd(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 1-epoch quickstart run: its folder and last.ckpt (3 optimizer steps)."""
+    folder = tmp_path_factory.mktemp("trained")
+    with _cwd(folder):
+        main(["fit", "--config", str(QUICKSTART), *FAST, "--trainer.enable_progress_bar=false"])
+    last = folder / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    return folder, last
+
+
+def _fails(args: list[str], capsys, cwd: Path) -> str:
+    """Run the CLI, expect exit 2 with exactly one error line and no traceback; return that line."""
+    before = set(cwd.rglob("*.ckpt"))
+    with _cwd(cwd), pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("masksub: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert set(cwd.rglob("*.ckpt")) == before  # nothing trained, nothing saved
+    return lines[0]
+
+
+def test_resume_with_conflicting_model_options_names_each_one(trained_run, capsys):
+    folder, last = trained_run
+    line = _fails(
+        [
+            "fit",
+            "--config",
+            str(QUICKSTART),
+            "--ckpt_path",
+            str(last),
+            "--model.init_args.sub_ratio=0.25",
+            "--model.init_args.lr=0.01",
+            *FAST,
+        ],
+        capsys,
+        folder,
+    )
+    assert "sub_ratio: checkpoint 0.5, given 0.25; lr: checkpoint 0.002, given 0.01" in line
+    assert not (folder / "runs" / "quickstart" / "version_1").exists()  # stopped before any run folder
+
+
+def test_resume_without_conflicts_continues_the_run(trained_run, capsys):
+    folder, last = trained_run
+    with _cwd(folder):
+        main(
+            [
+                "fit",
+                "--config",
+                str(QUICKSTART),
+                "--ckpt_path",
+                str(last),
+                *FAST,
+                "--trainer.max_epochs=2",
+                "--trainer.enable_progress_bar=false",
+                "--model.init_args.channels_last=true",  # allowed to change: how it runs, not what it trains
+            ]
+        )
+    run_dir = folder / "runs" / "quickstart" / "version_1"
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 6 and resumed["epoch"] == 1  # epoch 1 only: 3 more steps
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["init_args"]
+    assert saved["sub_ratio"] == 0.5 and saved["channels_last"] is True
+
+    # validate builds the checkpoint's model and says which given option it replaced
+    with _cwd(folder):
+        main(
+            [
+                "validate",
+                "--config",
+                str(QUICKSTART),
+                "--ckpt_path",
+                str(last),
+                "--model.init_args.sub_ratio=0.25",
+                "--trainer.limit_val_batches=1",
+                "--trainer.enable_progress_bar=false",
+            ]
+        )
+    assert "replaced the given sub_ratio: checkpoint 0.5, given 0.25" in capsys.readouterr().err
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (builtins.open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_malicious_checkpoint_is_refused_before_it_runs_code(trained_run, tmp_path, capsys, command):
+    _, last = trained_run
+    ckpt = torch.load(last, weights_only=True)
+    marker = tmp_path / "pwned"
+    ckpt["payload"] = _Payload(marker)
+    evil = tmp_path / "evil.ckpt"
+    torch.save(ckpt, evil)
+    line = _fails([command, "--config", str(QUICKSTART), "--ckpt_path", str(evil)], capsys, tmp_path)
+    assert "evil.ckpt is not a safe checkpoint: it holds a reference to io.open" in line
+    assert not marker.exists()
+
+
+def _image_folder(root: Path, empty_class: bool = False) -> Path:
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            if empty_class and split == "train" and name == "b":
+                continue
+            for i in range(2):
+                Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def _cub(root: Path) -> Path:
+    base = root / "CUB_200_2011"
+    (base / "images" / "001.a").mkdir(parents=True)
+    (base / "classes.txt").write_text("1 001.a\n2 002.b\n")
+    (base / "images.txt").write_text("1 001.a/x.jpg\n2 001.a/y.jpg\n")
+    (base / "image_class_labels.txt").write_text("1 1\n2 300\n")  # class 300 of 2
+    (base / "train_test_split.txt").write_text("1 1\n2 1\n")
+    return root
+
+
+def _data(class_path: str, root: Path) -> list[str]:
+    return [
+        f"--data={class_path}",
+        f"--data.root={root}",
+        "--data.img_size=32",
+        "--data.batch_size=2",
+        "--data.num_workers=0",
+    ]
+
+
+def _bad_ckpt(last: Path, tmp_path: Path) -> Path:
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["state_dict"]["model.head.weight"] = ckpt["state_dict"]["model.head.weight"][:, :50]
+    torch.save(ckpt, tmp_path / "narrow.ckpt")
+    return tmp_path / "narrow.ckpt"
+
+
+VIT_DYNAMIC = (
+    '{"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3, "dynamic_img_size": true}'
+)
+
+SETUP_ERRORS = {
+    "empty class folder": (
+        lambda tmp, last: _data(
+            "masksub_lightning.data.ImageFolderDataModule", _image_folder(tmp / "d", True)
+        ),
+        r"Class folder .*train/b contains no images",
+    ),
+    "bad annotation label": (
+        lambda tmp, last: _data("masksub_lightning.data.CUB200DataModule", _cub(tmp / "cub")),
+        r"001.a/y.jpg: label 299 is outside \[0, 2\)",
+    ),
+    "checkpoint of another shape": (
+        lambda tmp, last: ["--ckpt_path", str(_bad_ckpt(last, tmp))],
+        r"the checkpoint does not fit the model: size mismatch for model.head.weight: copying a param with "
+        r"shape torch.Size\(\[10, 50\]\) from checkpoint",
+    ),
+    "checkpoint of another class count": (
+        lambda tmp, last: [
+            *_data("masksub_lightning.data.ImageFolderDataModule", _image_folder(tmp / "d")),
+            "--ckpt_path",
+            str(last),
+        ],
+        r"has a 10-class head but data.num_classes=2",
+    ),
+    "image size": (
+        lambda tmp, last: ["--data.init_args.img_size=64"],
+        r"data img_size=64 but the model vit_tiny_patch16_224 takes 32x32 images",
+    ),
+    "patch size": (
+        lambda tmp, last: [f"--model.init_args.model_kwargs={VIT_DYNAMIC}", "--data.init_args.img_size=36"],
+        r"data img_size=36 is not a multiple of the model vit_tiny_patch16_224's patch size 8x8",
+    ),
+    "log dir under a file": (
+        lambda tmp, last: [
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={_file(tmp)}/runs",
+        ],
+        r"log directory \(CSVLogger\) .*blocker/runs/lightning_logs/version_0 cannot be created",
+    ),
+    "checkpoint dir under a file": (
+        lambda tmp, last: [f"--checkpoint.dirpath={_file(tmp)}/ckpt"],
+        r"checkpoint directory \(checkpoint.dirpath\) .*blocker/ckpt cannot be created",
+    ),
+}
+
+
+def _file(tmp: Path) -> Path:
+    (tmp / "blocker").write_text("a file, not a folder")
+    return tmp / "blocker"
+
+
+@pytest.mark.parametrize("case", list(SETUP_ERRORS))
+def test_setup_errors_end_in_one_line_and_exit_2(case, trained_run, tmp_path, capsys):
+    import re
+
+    make_args, expected = SETUP_ERRORS[case]
+    args = ["fit", "--config", str(QUICKSTART), *FAST, *make_args(tmp_path, trained_run[1])]
+    line = _fails(args, capsys, tmp_path)
+    assert re.search(expected, line), line
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir() or os.geteuid() != 0, reason="needs Linux /sys as root")
+def test_read_only_checkpoint_dir_is_reported_before_training(tmp_path, capsys):
+    line = _fails(
+        ["fit", "--config", str(QUICKSTART), *FAST, "--checkpoint.dirpath=/sys/masksub-ckpt"],
+        capsys,
+        tmp_path,
+    )
+    assert line.endswith("/sys/masksub-ckpt cannot be created: Operation not permitted")
+
+
+def test_class_count_and_head_are_checked_against_the_data():
+    from masksub_lightning import MaskSubModule
+
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    module = MaskSubModule("vit_tiny_patch16_224", num_classes=10, model_kwargs=kwargs)
+    data = SimpleNamespace(num_classes=5, img_size=32, soft_targets=True)
+    with pytest.raises(
+        ConfigError, match=r"model num_classes=10 but data.num_classes=5 \(it also sizes the Mixup"
+    ):
+        check_data_fits_model(module, data)
+    module.num_classes = 5  # a head that was not rebuilt
+    with pytest.raises(ConfigError, match=r"classifier has 10 outputs but data.num_classes=5"):
+        check_data_fits_model(module, data)
+    module.num_classes = 10
+    check_data_fits_model(module, SimpleNamespace(num_classes=10, img_size=32))  # consistent: passes
+
+
+def training_step():  # named like the hook: an error raised under it happened while training
+    raise ValueError("bad batch")
+
+
+def setup():
+    raise ValueError("bad option")
+
+
+def _raised(fn) -> BaseException:
+    try:
+        fn()
+    except BaseException as err:
+        return err
+    raise AssertionError("did not raise")
+
+
+def test_setup_errors_are_told_apart_from_training_errors(monkeypatch):
+    assert is_setup_error(_raised(setup))
+    assert not is_setup_error(_raised(training_step))  # keeps its traceback
+    assert not is_setup_error(_raised(lambda: torch.zeros(2) @ torch.zeros(3)))  # a RuntimeError bug
+    state_dict = RuntimeError("Error(s) in loading state_dict for M:\n\tsize mismatch for w")
+    assert is_setup_error(state_dict)
+    monkeypatch.setenv("MASKSUB_TRACEBACK", "1")
+    assert not is_setup_error(_raised(setup))
+
+
+def test_a_diverged_run_ends_in_one_line_and_exit_1(monkeypatch, capsys):
+    import masksub_lightning.cli as cli
+
+    class NonFiniteLossError(RuntimeError):
+        pass
+
+    def diverge(args):
+        raise NonFiniteLossError("non-finite loss (NaN or inf) at step 7 in the sub-branch; stopping")
+
+    monkeypatch.setattr(cli, "build_cli", diverge)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(QUICKSTART)])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (
+        "masksub: error: non-finite loss (NaN or inf) at step 7 in the sub-branch; stopping\n"
+    )
