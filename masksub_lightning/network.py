@@ -52,17 +52,20 @@ def classifier_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The classifier head's modules by qualified name, from ``get_classifier()`` and ``pretrained_cfg``.
 
     timm names the head in ``pretrained_cfg["classifier"]`` (``head``, ``fc``, ``head.fc``, a list for
-    distilled models) and returns it from ``get_classifier()``; either source is enough.
+    distilled models) and returns it from ``get_classifier()``; either source is enough. A head timm replaced by
+    ``nn.Identity`` (``num_classes=0``) is still listed. Models from elsewhere: a top-level ``head``, ``fc`` or
+    ``classifier``.
     """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     named = cfg.get("classifier") if isinstance(cfg, dict) else None
     names = {named} if isinstance(named, str) else {n for n in (named or ()) if isinstance(n, str)}
     heads = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else ()
-    head_ids = {id(h) for h in (heads if isinstance(heads, (list, tuple)) else (heads,))}
-    found = {}
-    for name, module in model.named_modules():
-        if name and (name in names or id(module) in head_ids) and not isinstance(module, nn.Identity):
-            found[name] = module
+    head_ids = {
+        id(h) for h in (heads if isinstance(heads, (list, tuple)) else (heads,)) if isinstance(h, nn.Module)
+    }
+    found = {name: m for name, m in model.named_modules() if name and (name in names or id(m) in head_ids)}
+    if not found:
+        found = {name: m for name, m in model.named_children() if name in ("head", "fc", "classifier")}
     return found
 
 

@@ -36,6 +36,8 @@ import torch
 from timm.models import clean_state_dict, load_state_dict
 from torch import Tensor, nn
 
+from masksub_lightning import network
+
 __all__ = ["SUPPORTED_SUFFIXES", "LoadReport", "Source", "detect_source", "load_pretrained"]
 
 _logger = logging.getLogger(__name__)
@@ -260,18 +262,6 @@ def _apply_timm_filter(sd: dict[str, Tensor], model: nn.Module, report: LoadRepo
     return filtered
 
 
-def _classifier_prefixes(model: nn.Module) -> list[str]:
-    """Module names of the model's classifier(s), from ``pretrained_cfg`` and ``get_classifier()``."""
-    clf = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-    names = {clf} if isinstance(clf, str) else {c for c in clf or () if isinstance(c, str)}
-    heads = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else ()
-    ids = {
-        id(h) for h in (heads if isinstance(heads, (list, tuple)) else (heads,)) if isinstance(h, nn.Module)
-    }
-    names.update(name for name, mod in model.named_modules() if name and id(mod) in ids)
-    return sorted(names)
-
-
 def _select(
     sd: dict[str, Tensor],
     model: nn.Module,
@@ -289,7 +279,7 @@ def _select(
     if isinstance(getattr(model, "norm", None), nn.Identity):  # global_pool="avg" with fc_norm
         drop.update({k: _FRESH_FC_NORM for k in sd if _is_under(k, ["norm"])})
         report.kept_fresh += [k for k in model_sd if _is_under(k, ["fc_norm"]) and k not in sd]
-    heads = _classifier_prefixes(model)
+    heads = network.classifier_names(model)
     report.head_keys = [k for k in model_sd if _is_under(k, heads)]
     mismatched = {}
     for k, v in sd.items():

@@ -42,7 +42,7 @@ from timm.layers.patch_dropout import PatchDropoutWithIndices, patch_dropout_for
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from masksub_lightning import masking
+from masksub_lightning import masking, network
 
 #: Registered kind name -> its class.
 SUB_BRANCHES: dict[str, type[SubBranch]] = {}
@@ -542,17 +542,9 @@ class MaskTokenSubBranch(SubBranch):
 
 
 # ------------------------------------------------------------------------------------------ dropout / droppath
-def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
-    """Top-level names of the classifier head, whose dropout is not part of the blocks."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    classifier = cfg.get("classifier") or "head"
-    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
-    return tuple({n.split(".")[0] for n in names} | {"head", "head_drop", "fc", "classifier"})
-
-
 def block_dropouts(model: nn.Module) -> list[nn.Dropout]:
     """Dropout layers inside the network's blocks: not direct children of the model, not in the head."""
-    heads = _head_prefixes(model)
+    heads = tuple({name.split(".")[0] for name in network.classifier_names(model)})
     found = []
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) and "." in name and not name.startswith(heads):
@@ -585,17 +577,6 @@ class SwitchableDropPath(DropPath):
         object.__setattr__(self, "replaced_registered", registered)
 
 
-def _drop_path_slots(model: nn.Module) -> Iterator[tuple[nn.Module, str, Any]]:
-    """(owner, attribute, value) for every ``drop_path*`` slot of every block: a DropPath, an Identity or None."""
-    for module in model.modules():
-        names = set(module._modules) | {k for k, v in vars(module).items() if v is None}
-        for attr in sorted(names):
-            if attr.startswith("drop_path"):
-                value = getattr(module, attr)
-                if value is None or isinstance(value, (DropPath, nn.Identity)):
-                    yield module, attr, value
-
-
 @register_sub_branch("droppath")
 class DropPathSubBranch(SubBranch):
     """Every block's drop-path (stochastic depth) set to ``ratio`` for the sub-branch only.
@@ -606,13 +587,13 @@ class DropPathSubBranch(SubBranch):
     """
 
     def unsupported_reason(self, model: nn.Module) -> str | None:
-        if next(_drop_path_slots(model), None) is None:
+        if next(network.drop_path_slots(model), None) is None:
             return "it has no drop-path slots (drop_path* attributes) in its blocks"
         return None
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)
-        for owner, attr, value in list(_drop_path_slots(model)):
+        for owner, attr, value in list(network.drop_path_slots(model)):
             if not isinstance(value, DropPath):
                 registered = attr in owner._modules
                 setattr(owner, attr, SwitchableDropPath(value, registered))
