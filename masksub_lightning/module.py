@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from masksub_lightning import guards, network, resume
+from masksub_lightning import checkpointing, guards, network, resume
 from masksub_lightning.losses import MaskSubLoss
 from masksub_lightning.optim import (
     build_optimizer,
@@ -182,6 +182,9 @@ class MaskSubModule(L.LightningModule):
         self._skipped_steps = 0
         self._group_logs: tuple[dict[str, Tensor], int] | None = None
 
+    # weights_only=True by default (Lightning passes None on to torch.load) and one clear error for unsafe files.
+    load_from_checkpoint = checkpointing.load_from_checkpoint
+
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self._pretrained_loaded:
@@ -281,6 +284,7 @@ class MaskSubModule(L.LightningModule):
     # Exact resume (masksub_lightning.resume): every rank's RNG states travel in the checkpoint, and validation
     # inside fit leaves them untouched.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._stop_if_nonfinite(wait=True)  # a NaN never reaches a saved checkpoint
         resume.save_rng_states(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -363,7 +367,7 @@ class MaskSubModule(L.LightningModule):
 
     def _optimizer_step(self, opt: Any) -> None:
         """Clip, step, zero the gradient, move a per-step schedule, and log the step's values."""
-        if self._skip_reason is not None:  # nonfinite_loss="skip": drop this step's gradient, count it
+        if self._skip_this_step():  # nonfinite_loss="skip": drop this step's gradient, count it
             opt.zero_grad(set_to_none=True)
             self._skipped_steps += 1
             self._skip_reason = None
@@ -407,6 +411,12 @@ class MaskSubModule(L.LightningModule):
             return
         self._nonfinite.record(self.global_step + 1, loss_main, loss_sub)
         self._stop_if_nonfinite(wait=False)
+
+    def _skip_this_step(self) -> bool:
+        """Skip policy: skip when any rank saw a non-finite loss in this step (the gradient was all-reduced)."""
+        if self.hparams.get("nonfinite_loss", "stop") != "skip":
+            return False
+        return self.trainer.strategy.reduce_boolean_decision(self._skip_reason is not None, all=False)
 
     def _stop_if_nonfinite(self, wait: bool) -> None:
         found = self._nonfinite.poll(wait=wait)
@@ -478,7 +488,7 @@ class MaskSubModule(L.LightningModule):
     def _evaluate(self, batch, stage: str, acc1: MulticlassAccuracy, acc5: MulticlassAccuracy) -> None:
         images, target = batch
         logits = self(images)  # main branch only: evaluation never uses the sub-branch
-        loss = self.criterion.main(logits, target)
+        loss = self.main_loss(logits, target)  # the same overridable loss as training
         acc1(logits, target)
         acc5(logits, target)
         batch_size = images.shape[0]
