@@ -107,8 +107,17 @@ def main(args: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
+    from masksub_lightning.recipes import resolve_config_args
+
     try:
-        build_cli(args)  # None: LightningCLI reads sys.argv itself
+        argv = resolve_config_args(argv)  # `--config deit3/vit_base_400ep` works from any directory
+    except FileNotFoundError as err:
+        print(f"masksub: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and warns when both are given)
+    try:
+        build_cli(None if args is None else argv)
     except ConfigError as err:
         print(f"masksub: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -185,12 +185,56 @@ def find_recipes(configs_dir: str | Path) -> list[Recipe]:
     )
 
 
+#: The recipes installed with the package (a source checkout's ``./configs`` links here).
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+#: Prefix that names a recipe explicitly: ``masksub fit --config recipe:deit3/vit_base_400ep``.
+RECIPE_PREFIX = "recipe:"
+
+
 def default_configs_dir() -> Path:
-    """``./configs`` when the working directory has one, else the ``configs/`` of this source checkout."""
+    """``./configs`` when the working directory has one (your own or edited copies), else the packaged recipes."""
     here = Path.cwd() / "configs"
-    if here.is_dir():
-        return here
-    return Path(__file__).resolve().parents[1] / "configs"
+    return here if here.is_dir() else PACKAGED_CONFIGS
+
+
+def resolve_config(value: str) -> str:
+    """Turn a ``--config`` value into a file path: a path that exists is kept as given; otherwise the value names a
+    recipe (``deit3/vit_base_400ep``, with or without ``.yaml``, ``configs/`` or ``recipe:``) looked up in
+    ``./configs`` first, then in the packaged recipes.
+
+    Raises:
+        FileNotFoundError: a ``recipe:`` name that matches no recipe (the message lists close names).
+    """
+    if Path(value).is_file() or value.startswith(("{", "[")):  # a file, or inline YAML / JSON
+        return value
+    name = value.removeprefix(RECIPE_PREFIX).removeprefix("configs/")
+    name = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    for root in (Path.cwd() / "configs", PACKAGED_CONFIGS):
+        if (root / name).is_file():
+            return str(root / name)
+    if value.startswith(RECIPE_PREFIX):
+        stem = Path(name).stem.split("_")[0]
+        close = sorted(
+            p.relative_to(PACKAGED_CONFIGS).as_posix() for p in PACKAGED_CONFIGS.rglob(f"*{stem}*.yaml")
+        )
+        hint = f"; close: {', '.join(close[:6])}" if close else "; see `masksub recipes`"
+        raise FileNotFoundError(f"no recipe {value!r} in ./configs or the packaged recipes{hint}")
+    return value
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config`` / ``-c`` value passed through :func:`resolve_config`."""
+    out, expect_value = [], False
+    for arg in argv:
+        if expect_value:
+            out.append(resolve_config(arg))
+        elif arg.startswith("--config="):
+            out.append("--config=" + resolve_config(arg.split("=", 1)[1]))
+        else:
+            out.append(arg)
+        expect_value = arg in ("--config", "-c")
+    return out
 
 
 def _top1(value: float | None) -> str:
@@ -260,5 +304,6 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\n{len(recipes)} recipe(s) under {configs_dir}. target / baseline: the paper's ImageNet-1k top-1 (%) for "
         "this recipe's arm / for the baseline arm of the same row (docs/method.md).\n"
-        "Run one: masksub fit --config configs/<recipe> --data.init_args.root /path/to/data"
+        "Run one: masksub fit --config <recipe> --data.init_args.root /path/to/data  (e.g. --config "
+        "deit3/vit_base_400ep; from any directory)"
     )

@@ -1,0 +1,102 @@
+"""The recipes ship inside the wheel: a user who installs the package without the source checkout can list them
+and run them by name from any directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (path,) = out.glob("masksub_lightning-*.whl")
+    return path
+
+
+def test_the_wheel_holds_every_recipe(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = ROOT / "masksub_lightning" / "configs"  # ./configs in the checkout links here
+    in_checkout = {p.relative_to(configs).as_posix() for p in configs.rglob("*.yaml")}
+    assert len(in_checkout) > 60
+    assert {f"masksub_lightning/configs/{rel}" for rel in in_checkout} <= names
+    assert "masksub_lightning/configs/README.md" in names
+
+
+def test_installed_wheel_lists_and_runs_recipes_outside_the_checkout(wheel, tmp_path):
+    env_dir = tmp_path / "venv"
+    # The venv reuses the installed dependencies (torch, lightning, ...); only this package comes from the wheel.
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(env_dir / "bin" / "masksub"), *args],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    where = subprocess.run(
+        [str(python), "-c", "import masksub_lightning; print(masksub_lightning.__file__)"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert where.startswith(str(env_dir)), where  # the wheel's copy, not the checkout
+
+    listed = run("recipes")
+    assert listed.returncode == 0, listed.stderr
+    assert "deit3/vit_base_400ep.yaml" in listed.stdout and "62 recipe(s)" in listed.stdout
+    assert str(env_dir) in listed.stdout  # read from the installed package
+
+    fit = run(
+        "fit",
+        "--config",
+        "quickstart",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=2",
+        f"--trainer.default_root_dir={work}",
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "final val_acc1=" in fit.stdout
+
+    missing = run("fit", "--config", "recipe:deit3/vit_bse_400ep")
+    assert missing.returncode == 2 and "no recipe 'recipe:deit3/vit_bse_400ep'" in missing.stderr
