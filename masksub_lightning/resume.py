@@ -36,6 +36,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 
 #: Checkpoint key of the per-rank RNG states: a list indexed by global rank.
 RNG_KEY = "masksub_rng_states"
@@ -150,7 +151,29 @@ def restore_rng_states(module: L.LightningModule) -> bool:
         return False
     set_rng_state(state)
     setattr(module, _PENDING, None)
+    _isolate_skipped_validation(module.trainer)
     return True
+
+
+def _isolate_skipped_validation(trainer: L.Trainer) -> None:
+    """Keep the validation that a resume skips from drawing on the restored streams.
+
+    Resumed from a checkpoint written after an epoch's last batch, Lightning does not re-run that epoch's
+    validation: it fast-forwards the validation loop, which iterates the validation loader once, and an
+    iteration draws a seed from torch's RNG (a loader without its own ``generator``). In the uninterrupted run
+    that draw happened inside a paused validation; here it would shift every later mask.
+    """
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    skip = getattr(val_loop, "increment_progress_to_evaluation_end", None)
+    if skip is None or getattr(skip, "_masksub_isolated", False):
+        return
+
+    def isolated_skip() -> None:
+        with isolate_rng():
+            skip()
+
+    isolated_skip._masksub_isolated = True  # type: ignore[attr-defined]
+    val_loop.increment_progress_to_evaluation_end = isolated_skip
 
 
 def restore_pending_loader_state(trainer: L.Trainer) -> bool:
@@ -169,7 +192,11 @@ def restore_pending_loader_state(trainer: L.Trainer) -> bool:
     # The epoch first: a loader that fast-forwards its sampler on load must replay this epoch's order.
     for loader in fit_loop._combined_loader.flattened:
         _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
-    fit_loop._combined_loader._load_state_dicts(pending)
+    if not fit_loop.epoch_loop.batch_progress.is_last_batch:
+        fit_loop._combined_loader._load_state_dicts(pending)
+    # else: saved after the epoch's last batch. Lightning counts that epoch as done and trains the next one on
+    # this same iterator (it does not call iter() again when resuming), so it must be a fresh one: the saved
+    # position would replay the rest of the finished epoch's order (with limit_train_batches) or nothing.
     fit_loop._combined_loader_states_to_load = []
     if fit_loop._data_fetcher is not None:
         iter(fit_loop._data_fetcher)  # the iterator made before the restore would start the epoch over

@@ -86,9 +86,11 @@ class KillAt(L.Callback):
 
 class FinalWeights(L.Callback):
     """Records the raw and the EMA weights at the end of fit (listed before EMAWeightAveraging, so it runs
-    before the EMA weights are copied into the model); writes them to ``$MASKSUB_TEST_WEIGHTS`` if set."""
+    before the EMA weights are copied into the model); writes them to ``path`` (``{rank}`` filled in) or to
+    ``$MASKSUB_TEST_WEIGHTS`` if set."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
         self.weights: dict[str, dict[str, torch.Tensor]] = {}
 
     def on_train_end(self, trainer, pl_module):
@@ -96,8 +98,9 @@ class FinalWeights(L.Callback):
         for cb in trainer.callbacks:
             if isinstance(cb, EMAWeightAveraging) and cb._average_model is not None:
                 self.weights["ema"] = _cloned(cb._average_model.module.state_dict())
-        if os.environ.get("MASKSUB_TEST_WEIGHTS"):
-            torch.save(self.weights, os.environ["MASKSUB_TEST_WEIGHTS"])
+        path = self.path or os.environ.get("MASKSUB_TEST_WEIGHTS")
+        if path:
+            torch.save(self.weights, path.format(rank=trainer.global_rank))
 
 
 def _cloned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -298,3 +301,55 @@ def test_sigkilled_cli_run_resumes_bitwise_exact(tmp_path, family):
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert_bitwise_equal(full, torch.load(out, weights_only=True))
     assert not (tmp_path / "never.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------ two DDP ranks
+class _StopAfter(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.should_stop = trainer.should_stop or trainer.global_step == self.step
+
+
+def _ddp_fit(root: Path, stop: int | None = None, ckpt: Path | None = None) -> list[dict]:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    L.seed_everything(0, verbose=False)
+    module = MaskSubModule(**FAMILIES["vit_token_mask"], num_classes=10, lr=2e-3, warmup_epochs=0.5)
+    data = DigitsDataModule(**DATA)
+    callbacks = [
+        FinalWeights(str(root / "weights_rank{rank}.pt")),
+        EMAWeightAveraging(decay=0.9),
+        ResumeCheckpoint(every_n_train_steps=3, dirpath=str(root)),
+        *([_StopAfter(stop)] if stop else []),
+    ]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo"),
+        max_epochs=2,
+        limit_train_batches=5,
+        limit_val_batches=2,
+        deterministic=True,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    return [torch.load(root / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_resume_restores_each_ranks_streams(tmp_path):
+    full = _ddp_fit(tmp_path / "full")
+    _ddp_fit(tmp_path / "cut", stop=7)  # resume.ckpt from step 6, mid-epoch 2
+    saved = torch.load(tmp_path / "cut" / "resume.ckpt", weights_only=True)
+    assert saved["global_step"] == 6
+    states = saved[RNG_KEY]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])  # ranks draw apart
+    resumed = _ddp_fit(tmp_path / "resumed", ckpt=tmp_path / "cut" / "resume.ckpt")
+    for rank in (0, 1):
+        assert_bitwise_equal(full[rank], resumed[rank])
