@@ -341,8 +341,9 @@ class SampleDataset(Dataset):
 
     A sample that raises one of :data:`BAD_SAMPLE_ERRORS` is, with ``bad_samples="error"``, re-raised (the
     message names the file); with ``"skip"`` it is replaced by another sample chosen deterministically from the
-    key, a warning names the file (once per process and file), and it is counted in :attr:`skip_counts`,
-    a shared-memory tensor with one slot per process (main = 0, worker w = w + 1).
+    key, a warning names the file (once per process and file), and the sample is counted (once, however many
+    draws its replacement took) in :attr:`skip_counts`, a shared-memory tensor with one slot per process
+    (main = 0, worker w = w + 1).
 
     Args:
         dataset: the split's dataset.
@@ -391,8 +392,9 @@ class SampleDataset(Dataset):
                     self._known_bad.add(index)
                     warnings.warn(f"Skipping a bad sample (bad_samples='skip'): {e}", stacklevel=2)
                     last_error = e
-            info = get_worker_info()
-            self.skip_counts[0 if info is None else info.id + 1] += 1
+            if attempt == 0:  # one count per sample served by a replacement
+                info = get_worker_info()
+                self.skip_counts[0 if info is None else info.id + 1] += 1
             # The replacement depends only on the key, so a resumed run picks the same one.
             index = mix_seed(index, seed if seed is not None else 0, attempt) % len(self)
         raise RuntimeError(
