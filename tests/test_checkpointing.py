@@ -383,3 +383,36 @@ def test_load_from_checkpoint_round_trip_and_truncated_file(tmp_path):
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointLoadError, match=r"truncated\.ckpt is not a complete torch checkpoint"):
         AtomicCheckpointIO().load_checkpoint(truncated)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_saves_latest_last_and_fails_together_on_a_bad_dir(tmp_path):
+    """Rank 0 writes; a directory problem found on rank 0 stops every rank (no rank left waiting)."""
+    common = {
+        "accelerator": "cpu",
+        "devices": 2,
+        "strategy": "ddp_spawn",
+        "plugins": [AtomicCheckpointIO()],
+        "logger": False,
+        "enable_progress_bar": False,
+        "num_sanity_val_steps": 0,
+        "use_distributed_sampler": True,
+    }
+    cb = AlwaysLastCheckpoint(dirpath=tmp_path / "ckpt", monitor="score", mode="min", save_last=True)
+    L.Trainer(default_root_dir=tmp_path, callbacks=[cb], max_epochs=3, **common).fit(
+        WorseningModel(), _loader(), _loader()
+    )
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6  # 3 epochs x (16 samples / 2 ranks / batch 4)
+    assert temp_files(tmp_path / "ckpt") == []
+
+    (tmp_path / "blocker").write_text("not a folder")
+    bad = AlwaysLastCheckpoint(
+        dirpath=tmp_path / "blocker" / "ckpt", monitor="score", mode="min", save_last=True
+    )
+    started = time.monotonic()
+    with pytest.raises(Exception, match="cannot be created"):
+        L.Trainer(default_root_dir=tmp_path, callbacks=[bad], max_epochs=1, **common).fit(
+            WorseningModel(), _loader(), _loader()
+        )
+    assert time.monotonic() - started < 120

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -390,8 +391,6 @@ def _file(tmp: Path) -> Path:
 
 @pytest.mark.parametrize("case", list(SETUP_ERRORS))
 def test_setup_errors_end_in_one_line_and_exit_2(case, trained_run, tmp_path, capsys):
-    import re
-
     make_args, expected = SETUP_ERRORS[case]
     args = ["fit", "--config", str(QUICKSTART), *FAST, *make_args(tmp_path, trained_run[1])]
     line = _fails(args, capsys, tmp_path)
@@ -467,3 +466,16 @@ def test_a_diverged_run_ends_in_one_line_and_exit_1(monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "masksub: error: non-finite loss (NaN or inf) at step 7 in the sub-branch; stopping\n"
     )
+
+
+def test_a_full_disk_is_reported_before_training(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=10))
+    line = _fails(["fit", "--config", str(QUICKSTART), *FAST], capsys, tmp_path)
+    assert re.search(
+        r"checkpoint directory .*runs/quickstart/version_0/checkpoints has 10 bytes free but a "
+        r"checkpoint needs at least \d+\.\d MiB",
+        line,
+    ), line
