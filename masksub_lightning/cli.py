@@ -259,7 +259,8 @@ def check_data_fits_model(model: Any, datamodule: Any) -> None:
     if not isinstance(img, int) or getattr(embed, "img_size", None) is None:
         return
     expected = tuple(embed.img_size)
-    name = getattr(getattr(model, "hparams", {}), "get", lambda *_: None)("model") or type(net).__name__
+    given = (getattr(model, "hparams", None) or {}).get("model")
+    name = given if isinstance(given, str) else type(net).__name__
     if getattr(embed, "strict_img_size", False) and expected != (img, img):
         raise ConfigError(
             f"data img_size={img} but the model {name} takes {expected[0]}x{expected[1]} images: set "
