@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 from fake_data import SMALL, write_cifar10, write_cub200, write_image, write_image_folder, write_inat_json
 from torch.utils.data import DataLoader
@@ -13,6 +15,8 @@ from masksub_lightning.data import (
     CorruptImageError,
     CUB200DataModule,
     DigitsDataModule,
+    DTDDataModule,
+    FGVCAircraftDataModule,
     Flowers102DataModule,
     ImageFolderDataModule,
     ImageNetDataModule,
@@ -166,6 +170,29 @@ def test_too_small_train_split_for_batch_size(tmp_path):
         (dict(norm_from_model="resnet50", mean=(0.5, 0.5, 0.5)), r"norm_from_model='resnet50' and mean"),
         (dict(mean=(0.5, 0.5)), r"mean=\(0.5, 0.5\) .*3 numbers"),
         (dict(std=(0.5, 0.0, 0.5)), r"mean / std"),
+        (dict(mean="imagenet"), r"mean='imagenet' .*3 numbers"),
+        (dict(img_size=22.5), r"img_size=22.5 .*integer >= 1"),
+        (dict(num_workers=True), r"num_workers=True .*integer"),
+        (dict(pin_memory="yes"), r"pin_memory='yes' .*True or False"),
+        (dict(persistent_workers=1), r"persistent_workers=1 .*True or False"),
+        (dict(channels_last=None), r"channels_last=None .*True or False"),
+        (dict(seed=-1), r"seed=-1 .*integer >= 0"),
+        (dict(seed=1.5), r"seed=1.5"),
+        (dict(auto_augment=3), r"auto_augment=3 .*string or None"),
+        (dict(norm_from_model=["resnet50"]), r"norm_from_model=\['resnet50'\] .*string or None"),
+        (dict(scale=(0.5,)), r"scale=\(0.5,\) .*two numbers"),
+        (dict(ratio="wide"), r"ratio='wide' .*two numbers"),
+        (dict(ratio=(2.0, 1.0)), r"ratio=\(2.0, 1.0\) .*min <= max"),
+        (dict(hflip="0.5"), r"hflip='0.5' .*number"),
+        (dict(color_jitter=-0.1), r"color_jitter=-0.1 .*>= 0"),
+        (dict(color_jitter="strong"), r"color_jitter='strong' .*number"),
+        (dict(remode="zeros"), r"remode='zeros' .*const, rand, pixel"),
+        (dict(train_interpolation="cubic"), r"train_interpolation='cubic' .*random or None"),
+        (dict(mixup_prob=2.0), r"mixup_prob=2.0 .*\[0, 1\]"),
+        (dict(mixup_switch_prob=-0.5), r"mixup_switch_prob=-0.5 .*\[0, 1\]"),
+        (dict(cutmix_alpha=-1.0), r"cutmix_alpha=-1.0 .*>= 0"),
+        (dict(bad_samples="ignore"), r"bad_samples='ignore' .*error, skip"),
+        (dict(min_image_size=0), r"min_image_size=0 .*integer >= 1"),
     ],
 )
 def test_invalid_arguments_raise_value_error_in_init(kwargs, pattern):
@@ -177,9 +204,51 @@ def test_invalid_arguments_raise_value_error_in_init(kwargs, pattern):
     ("cls", "kwargs", "pattern"),
     [
         (DigitsDataModule, dict(val_fraction=1.0), r"val_fraction=1.0"),
+        (DigitsDataModule, dict(val_fraction="0.2"), r"val_fraction='0.2'"),
+        (DigitsDataModule, dict(split_seed=-3), r"split_seed=-3 .*integer >= 0"),
+        (DigitsDataModule, dict(train_augment="no"), r"train_augment='no' .*True or False"),
+        (DigitsDataModule, dict(batch_size=0), r"batch_size=0"),
         (INaturalistDataModule, dict(root="x", version="2020"), r"version='2020' .*2018, 2019"),
+        (ImageFolderDataModule, dict(root="x", class_list=5), r"class_list=5 .*path or None"),
+        (ImageFolderDataModule, dict(root=3), r"root=3 .*path or None"),
+        (FGVCAircraftDataModule, dict(root="x", annotation_level="model"), r"annotation_level='model'"),
+        (DTDDataModule, dict(root="x", partition=11), r"partition=11 .*\[1, 10\]"),
+        (DTDDataModule, dict(root="x", partition=1.5), r"partition=1.5 .*integer"),
     ],
 )
 def test_invalid_subclass_arguments(cls, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------- model vs data classes
+
+
+class _Classes(L.LightningModule):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+
+@pytest.mark.parametrize(
+    ("model_classes", "data_kwargs", "pattern"),
+    [
+        (12, dict(mixup_alpha=0.8), r"model has num_classes=12 but DigitsDataModule has 10 classes: Mixup"),
+        (12, dict(label_smoothing=0.1), r"num_classes=12 .* label smoothing"),
+        (8, dict(), r"num_classes=8 but DigitsDataModule has 10 classes: labels up to"),
+    ],
+)
+def test_model_num_classes_must_fit_the_data_at_setup(model_classes, data_kwargs, pattern):
+    dm = DigitsDataModule(batch_size=8, **data_kwargs)
+    dm.trainer = SimpleNamespace(lightning_module=_Classes(model_classes))
+    with pytest.raises(ValueError, match=pattern):
+        dm.setup("fit")
+
+
+def test_matching_or_larger_model_head_is_fine():
+    dm = DigitsDataModule(batch_size=8, mixup_alpha=0.8)
+    dm.trainer = SimpleNamespace(lightning_module=_Classes(10))
+    dm.setup("fit")
+    hard = DigitsDataModule(batch_size=8)  # hard labels only need to fit inside the head
+    hard.trainer = SimpleNamespace(lightning_module=_Classes(1000))
+    hard.setup("fit")

@@ -105,3 +105,14 @@ def test_train_interpolation_overrides_training_only(tmp_path):
 
     with pytest.raises(ValueError, match="train_interpolation"):
         ImageFolderDataModule(root=str(tmp_path), train_interpolation="cubic")
+
+
+def test_posterize_to_zero_bits_gives_black_instead_of_crashing():
+    # RandAugment "mstd0.5" can draw magnitude 10, where timm's PosterizeIncreasing keeps 0 bits; Pillow >= 12
+    # raises on 0 bits. Every posterize op of the pipeline must take it.
+    dm = ImageNetDataModule(root="x", img_size=32, auto_augment="rand-m9-mstd0.5-inc1")
+    (ra,) = _of(_stages(dm.build_transform(train=True)), RandAugment)
+    (op,) = [op for op in ra.ops if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    out = np.asarray(op(_image()))
+    assert out.shape == (40, 60, 3) and out.max() == 0
