@@ -95,8 +95,8 @@ def measure(name: str, args, device) -> tuple[list[dict], dict]:
     batch = C.make_batch(spec, device, channels_last=channels_last)
     flops = {v: C.count_step_flops(m, batch)["total"] for v, m in modules.items()}  # eager, before compiling
     print(
-        f"  {spec.label} batch {spec.batch_size}: TFLOP/step masksub {flops['masksub'] / 1e12:.3f}, "
-        f"baseline {flops['baseline'] / 1e12:.3f}",
+        f"  {spec.label} batch {spec.batch_size}: GFLOP/step masksub {flops['masksub'] / 1e9:.2f}, "
+        f"baseline {flops['baseline'] / 1e9:.2f}",
         flush=True,
     )
 

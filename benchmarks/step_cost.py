@@ -151,7 +151,8 @@ def measure(spec: C.ModelSpec, args: argparse.Namespace, device) -> dict:
     return {
         "model": spec.label,
         "batch_size": spec.batch_size,
-        "masking": type(getattr(masking, "_impl", masking)).__name__,  # what "mask" resolved to
+        # What "mask" resolved to: TokenMask or PixelMask (class names with or without a SubBranch suffix).
+        "masking": type(getattr(masking, "_impl", masking)).__name__.removesuffix("SubBranch"),
         "interleave": args.interleave,
         "baseline_gflops": flops["baseline"]["total"] / 1e9,
         "masksub_gflops": flops["masksub"]["total"] / 1e9,
