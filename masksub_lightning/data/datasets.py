@@ -309,17 +309,20 @@ def scan_image_folder(
 
 
 @contextlib.contextmanager
-def seeded_rng(seed: int) -> Iterator[None]:
+def seeded_rng(seed: int, restore: bool = True) -> Iterator[None]:
     """Run the block with Python's, NumPy's and torch's CPU global RNGs seeded from ``seed``, then restore them.
 
     timm / torchvision transforms draw from all three global RNGs. Restoring them afterwards keeps data
     loading in the main process (``num_workers=0``) from shifting the model's random stream. Only the CPU
     generator is touched: ``torch.manual_seed`` would also reseed (and not restore) every CUDA generator.
+
+    Args:
+        seed: the seed (any non-negative integer; NumPy gets its low 32 bits).
+        restore: restore the previous states afterwards. DataLoader workers skip it: nothing else there uses
+            the global RNGs, and saving NumPy's state is most of the cost (about 50 us of 65 us a sample).
     """
-    torch_state, py_state, np_state = (
-        torch.default_generator.get_state(),
-        random.getstate(),
-        np.random.get_state(),
+    states = (
+        (torch.default_generator.get_state(), random.getstate(), np.random.get_state()) if restore else None
     )
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
@@ -327,9 +330,10 @@ def seeded_rng(seed: int) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.default_generator.set_state(torch_state)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+        if states is not None:
+            torch.default_generator.set_state(states[0])
+            random.setstate(states[1])
+            np.random.set_state(states[2])
 
 
 class SampleDataset(Dataset):
@@ -376,7 +380,8 @@ class SampleDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> Any:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        rng = seeded_rng(seed) if seed is not None else contextlib.nullcontext()
+        in_worker = get_worker_info() is not None
+        rng = seeded_rng(seed, restore=not in_worker) if seed is not None else contextlib.nullcontext()
         with rng:
             return self._load(int(index), seed)
 
