@@ -11,11 +11,22 @@ class                                  data
 :class:`Flowers102DataModule`, ...     fine-grained transfer sets in torchvision's layouts, CUB, Dogs
 :class:`INaturalistDataModule`         iNaturalist 2018 / 2019 (json) and 2021 (folders)
 =====================================  ===============================================================
+
+Train loaders are torchdata ``StatefulDataLoader`` s that resume mid-epoch exactly from a Lightning checkpoint;
+val / test loaders shard without padding under DDP. See :mod:`masksub_lightning.data.base` for the RNGs.
 """
 
 from masksub_lightning.data.base import ImageClassificationDataModule
 from masksub_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
-from masksub_lightning.data.datasets import CorruptImageError, ImageListDataset, load_rgb
+from masksub_lightning.data.datasets import (
+    BadImageError,
+    CorruptImageError,
+    ImageListDataset,
+    ImageTooSmallError,
+    ImageTransformError,
+    SampleDataset,
+    load_rgb,
+)
 from masksub_lightning.data.digits import DigitsDataModule
 from masksub_lightning.data.finegrained import (
     CUB200DataModule,
@@ -29,9 +40,10 @@ from masksub_lightning.data.finegrained import (
 )
 from masksub_lightning.data.imagenet import ImageFolderDataModule, ImageNetDataModule
 from masksub_lightning.data.inaturalist import INaturalistDataModule
-from masksub_lightning.data.samplers import RepeatedAugSampler
+from masksub_lightning.data.samplers import RepeatedAugSampler, ShardedEvalSampler
 
 __all__ = [
+    "BadImageError",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CUB200DataModule",
@@ -46,8 +58,12 @@ __all__ = [
     "ImageFolderDataModule",
     "ImageListDataset",
     "ImageNetDataModule",
+    "ImageTooSmallError",
+    "ImageTransformError",
     "OxfordIIITPetDataModule",
     "RepeatedAugSampler",
+    "SampleDataset",
+    "ShardedEvalSampler",
     "StanfordCarsDataModule",
     "StanfordDogsDataModule",
     "load_rgb",

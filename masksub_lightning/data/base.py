@@ -153,7 +153,7 @@ class TrainLoader(StatefulDataLoader):
         return _LazyIterator(super().__iter__)
 
 
-class _HParam:
+class HParam:
     """Attribute view of one saved hyperparameter: reads and writes ``obj.hparams[name]``.
 
     A subclass whose signature lacks a base argument (Digits has no ``train_crop``) does not save it; reading it
@@ -258,35 +258,35 @@ class ImageClassificationDataModule(L.LightningDataModule):
     #: Directory tree a subclass expects under ``root``; quoted in missing-path errors.
     layout: ClassVar[str] = "<root>/..."
 
-    root = _HParam()
-    batch_size = _HParam()
-    num_workers = _HParam()
-    pin_memory = _HParam()
-    persistent_workers = _HParam()
-    img_size = _HParam()
-    train_crop = _HParam()
-    scale = _HParam()
-    ratio = _HParam()
-    hflip = _HParam()
-    auto_augment = _HParam()
-    color_jitter = _HParam()
-    reprob = _HParam()
-    remode = _HParam()
-    eval_crop_pct = _HParam()
-    interpolation = _HParam()
-    train_interpolation = _HParam()
-    norm_from_model = _HParam()
-    mixup_alpha = _HParam()
-    cutmix_alpha = _HParam()
-    mixup_prob = _HParam()
-    mixup_switch_prob = _HParam()
-    mixup_mode = _HParam()
-    label_smoothing = _HParam()
-    repeated_aug = _HParam()
-    channels_last = _HParam()
-    seed = _HParam()
-    bad_samples = _HParam()
-    min_image_size = _HParam()
+    root = HParam()
+    batch_size = HParam()
+    num_workers = HParam()
+    pin_memory = HParam()
+    persistent_workers = HParam()
+    img_size = HParam()
+    train_crop = HParam()
+    scale = HParam()
+    ratio = HParam()
+    hflip = HParam()
+    auto_augment = HParam()
+    color_jitter = HParam()
+    reprob = HParam()
+    remode = HParam()
+    eval_crop_pct = HParam()
+    interpolation = HParam()
+    train_interpolation = HParam()
+    norm_from_model = HParam()
+    mixup_alpha = HParam()
+    cutmix_alpha = HParam()
+    mixup_prob = HParam()
+    mixup_switch_prob = HParam()
+    mixup_mode = HParam()
+    label_smoothing = HParam()
+    repeated_aug = HParam()
+    channels_last = HParam()
+    seed = HParam()
+    bad_samples = HParam()
+    min_image_size = HParam()
 
     def __init__(
         self,
@@ -614,15 +614,15 @@ class ImageClassificationDataModule(L.LightningDataModule):
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
         for split in splits.get(stage, ("train", "val", "test")):
             self.get_dataset(split)
-        self._check_model_classes()
+        self._check_model_classes(training=stage in ("fit", None))
 
-    def _check_model_classes(self) -> None:
+    def _check_model_classes(self, training: bool) -> None:
         """The model's ``num_classes`` must fit the data's: soft targets are ``(B, num_classes)`` of the data."""
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         model_classes = getattr(module, "num_classes", None)
         if not isinstance(model_classes, int) or isinstance(model_classes, bool):
             return
-        if self.soft_targets and model_classes != self.num_classes:
+        if training and self.soft_targets and model_classes != self.num_classes:
             raise ValueError(
                 f"The model has num_classes={model_classes} but {type(self).__name__} has {self.num_classes} "
                 "classes: Mixup / CutMix / label smoothing build (batch, num_classes) targets from the data's "

@@ -17,11 +17,9 @@ from sklearn.model_selection import train_test_split
 from torchvision import transforms as T
 
 from masksub_lightning.data.base import (
+    HParam,
     ImageClassificationDataModule,
     Split,
-    _fail,
-    _HParam,
-    _is_number,
     check_bool,
     check_int,
 )
@@ -77,9 +75,9 @@ class DigitsDataModule(ImageClassificationDataModule):
     """
 
     layout = "(no files: sklearn.datasets.load_digits ships with scikit-learn)"
-    val_fraction = _HParam()
-    split_seed = _HParam()
-    train_augment = _HParam()
+    val_fraction = HParam()
+    split_seed = HParam()
+    train_augment = HParam()
 
     def __init__(
         self,
@@ -103,8 +101,12 @@ class DigitsDataModule(ImageClassificationDataModule):
         persistent_workers: bool = True,
         seed: int = 0,
     ) -> None:
-        if not _is_number(val_fraction) or not 0.0 < val_fraction < 1.0:
-            _fail("val_fraction", val_fraction, "must be in (0, 1)")
+        if (
+            isinstance(val_fraction, bool)
+            or not isinstance(val_fraction, (int, float))
+            or not 0 < val_fraction < 1
+        ):
+            raise ValueError(f"val_fraction={val_fraction!r} is invalid: must be a number in (0, 1)")
         check_int("split_seed", split_seed, minimum=0)
         check_bool("train_augment", train_augment)
         super().__init__(

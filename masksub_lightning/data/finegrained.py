@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.io import loadmat
 
-from masksub_lightning.data.base import ImageClassificationDataModule, Split, _HParam, check_int
+from masksub_lightning.data.base import HParam, ImageClassificationDataModule, Split, check_int
 from masksub_lightning.data.datasets import Sample, list_class_dirs
 
 
@@ -148,7 +148,7 @@ class FGVCAircraftDataModule(ImageClassificationDataModule):
         "<root>/fgvc-aircraft-2013b/data/images_variant_test.txt"
     )
     _class_files = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
-    annotation_level = _HParam()
+    annotation_level = HParam()
 
     def __init__(
         self,
@@ -290,7 +290,7 @@ class DTDDataModule(ImageClassificationDataModule):
         "<root>/dtd/dtd/labels/train1.txt, val1.txt, test1.txt   ('<class>/<file>.jpg' per line; 1..10)"
     )
 
-    partition = _HParam()
+    partition = HParam()
 
     def __init__(self, root: str, partition: int = 1, **kwargs: Any) -> None:
         check_int("partition", partition, minimum=1, maximum=10)

@@ -6,7 +6,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from masksub_lightning.data.base import ImageClassificationDataModule, Split, _HParam, check_optional_str
+from masksub_lightning.data.base import HParam, ImageClassificationDataModule, Split, check_optional_str
 from masksub_lightning.data.datasets import Sample, list_class_dirs, scan_image_folder
 
 
@@ -30,7 +30,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         "<root>/test/<class>/<image>.jpg    (optional; val is used when absent)"
     )
 
-    class_list = _HParam()
+    class_list = HParam()
 
     def __init__(self, root: str, class_list: str | None = None, **kwargs: Any) -> None:
         check_optional_str("class_list", class_list, path=True)

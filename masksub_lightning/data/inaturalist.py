@@ -7,7 +7,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from masksub_lightning.data.base import ImageClassificationDataModule, Split, _HParam
+from masksub_lightning.data.base import HParam, ImageClassificationDataModule, Split
 from masksub_lightning.data.datasets import Sample, list_class_dirs, scan_image_folder
 
 # version -> (train, val) annotation json (2018 / 2019) or image folder (2021) names.
@@ -47,7 +47,7 @@ class INaturalistDataModule(ImageClassificationDataModule):
         "  <root>/2021_valid/00000_Animalia_.../<file>.jpg"
     )
 
-    version = _HParam()
+    version = HParam()
 
     def __init__(
         self, root: str, version: Literal["2018", "2019", "2021_mini", "2021"] = "2018", **kwargs: Any

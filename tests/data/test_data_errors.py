@@ -252,3 +252,6 @@ def test_matching_or_larger_model_head_is_fine():
     hard = DigitsDataModule(batch_size=8)  # hard labels only need to fit inside the head
     hard.trainer = SimpleNamespace(lightning_module=_Classes(1000))
     hard.setup("fit")
+    evaluating = DigitsDataModule(batch_size=8, mixup_alpha=0.8)  # evaluation targets are hard labels
+    evaluating.trainer = SimpleNamespace(lightning_module=_Classes(1000))
+    evaluating.setup("validate")
