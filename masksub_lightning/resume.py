@@ -1,26 +1,29 @@
-"""Exact resume: every rank's random streams travel in the checkpoint, and validation does not consume them.
+"""Exact resume: every rank's random streams and loader position travel in the checkpoint.
 
-A MaskSub step draws from the global random generators: the sub-branch masks from torch's, Mixup / CutMix from
-numpy's (and torch's), main-process augmentations (``num_workers=0``) from torch's and Python's. Lightning saves
-weights, optimizer, schedule, loop counters and (with a stateful train loader) the loader position, but no RNG
-state, so a resumed run draws different masks and mixing coefficients from the interrupted one. This module adds
-the missing pieces; ``MaskSubModule`` calls it from its checkpoint and validation hooks:
+A MaskSub step draws from the global random generators: the sub-branch masks (and drop-path / dropout) from
+torch's; a custom DataModule's augmentations or mixing may draw from torch's, NumPy's or Python's. Lightning saves
+weights, optimizer, schedule, loop counters and (with a stateful train loader) rank 0's loader position, but no
+RNG state, so a resumed run would draw other masks than the interrupted one. ``MaskSubModule`` calls this module
+from its hooks:
 
-    on_save_checkpoint          save_rng_states      every rank's states, gathered: checkpoint[RNG_KEY][rank]
-    on_load_checkpoint          stash_rng_states     keeps this rank's entry for later
-    on_train_start              restore_rng_states   puts it back after Lightning's set-up (and instead of the
-                                                     module's per-rank re-seeding)
+    on_save_checkpoint          save_rng_states      every rank's RNG states (and, under DDP, train-loader state),
+                                                     gathered: checkpoint[RNG_KEY][rank], checkpoint[LOADER_KEY]
+    on_load_checkpoint          stash_rng_states     keeps this rank's entries for later
+    on_train_start              restore_rng_states   loads a loader position Lightning dropped (issue #20550), then
+                                                     puts the RNG states back after Lightning's set-up (instead of
+                                                     the module's per-rank re-seeding)
     on_validation_model_zero_grad / on_validation_epoch_end
                                 pause_rng / resume_rng   validation inside fit leaves the streams where it found
-                                                     them (the validation loader draws a seed from torch's RNG
-                                                     each time it is iterated; Lightning skips or re-runs that
-                                                     validation on resume, which would shift every later draw)
+                                                     them (a validation loader draws a seed from torch's RNG each
+                                                     time it is iterated, and a resume skips or re-runs a
+                                                     validation, which would shift every later draw)
 
 Everything stored is a tensor, an int, a float, a string or a list / dict of those, so the checkpoint stays
 loadable with ``torch.load(..., weights_only=True)``.
 
 :class:`ResumeCheckpoint` writes the checkpoint to resume from: ``resume.ckpt`` every N optimizer steps (mid-epoch
-included) and at the step boundary where a SIGTERM is noticed.
+included) and at the step boundary where a SIGTERM is noticed. ``docs/reliability.md`` lists what is and is not
+guaranteed.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from lightning.pytorch.utilities.seed import isolate_rng
 
 #: Checkpoint key of the per-rank RNG states: a list indexed by global rank.
 RNG_KEY = "masksub_rng_states"
+#: Checkpoint key of the per-rank train-loader states under DDP: a list indexed by global rank.
+LOADER_KEY = "masksub_train_loader_states"
 
 _PENDING = "_masksub_rng_pending"  # this rank's saved states, waiting for on_train_start
 _PAUSED = "_masksub_rng_paused"  # the training streams while validation runs
@@ -111,13 +116,22 @@ def save_rng_states(module: L.LightningModule, checkpoint: dict[str, Any]) -> No
     """``on_save_checkpoint``: store every rank's training RNG states under :data:`RNG_KEY`.
 
     Called on every rank (Lightning's ``save_checkpoint`` is collective; rank 0 writes the file). While
-    validation runs inside fit the training streams are the paused ones, not the current ones.
+    validation runs inside fit the training streams are the paused ones, not the current ones. Under DDP each
+    rank's train-loader state goes in too (:data:`LOADER_KEY`): Lightning keeps only rank 0's, and every rank
+    would resume at rank 0's place in the sample stream.
     """
     trainer = module._trainer  # the property raises when detached
     if trainer is None:
         return
     state = getattr(module, _PAUSED, None) or capture_rng_state()
-    checkpoint[RNG_KEY] = gather_rng_states(trainer, state)
+    if trainer.world_size == 1:
+        checkpoint[RNG_KEY] = [state]
+        return
+    loader = _fit_loop_state(checkpoint).get("combined_loader")
+    gathered = gather_rng_states(trainer, {"rng": state, "loader": loader})
+    checkpoint[RNG_KEY] = [g["rng"] for g in gathered]
+    if loader is not None:
+        checkpoint[LOADER_KEY] = [g["loader"] for g in gathered]
 
 
 def stash_rng_states(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -137,6 +151,16 @@ def stash_rng_states(module: L.LightningModule, checkpoint: dict[str, Any]) -> N
         )
         return
     setattr(module, _PENDING, states[trainer.global_rank])
+    loaders = checkpoint.get(LOADER_KEY)
+    fit_state = _fit_loop_state(checkpoint)
+    if loaders is not None and len(loaders) == trainer.world_size and "combined_loader" in fit_state:
+        # Lightning restores the loader from this entry later in the same restore: make it this rank's.
+        fit_state["combined_loader"] = loaders[trainer.global_rank]
+
+
+def _fit_loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The fit loop's own state in a checkpoint (where Lightning keeps the train-loader state); {} if none."""
+    return checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
 
 
 def restore_rng_states(module: L.LightningModule) -> bool:
@@ -145,7 +169,8 @@ def restore_rng_states(module: L.LightningModule) -> bool:
     Lightning calls ``on_train_start`` after the checkpoint is restored and the sanity check has run (inside its
     own RNG isolation), right before the first batch is drawn: the same point the states were captured at.
     """
-    restore_pending_loader_state(module.trainer)
+    if restore_pending_loader_state(module.trainer) or getattr(module, _PENDING, None) is not None:
+        _set_epoch_learning_rate(module)
     state = getattr(module, _PENDING, None)
     if state is None:
         return False
@@ -153,6 +178,22 @@ def restore_rng_states(module: L.LightningModule) -> bool:
     setattr(module, _PENDING, None)
     _isolate_skipped_validation(module.trainer)
     return True
+
+
+def _set_epoch_learning_rate(module: L.LightningModule) -> None:
+    """With a per-epoch LR (``lr_interval="epoch"``), set the LR of the epoch being resumed.
+
+    Resumed from a checkpoint written after an epoch's last batch, Lightning counts the epoch as done but runs
+    none of its end hooks, so the module's ``on_train_epoch_end`` never moves the LR to the next epoch's value.
+    The LR of epoch ``e`` is a function of ``e`` alone (timm's ``step(epoch=e)``), so setting it again is exact,
+    and a no-op for a checkpoint from the middle of an epoch.
+    """
+    hparams = getattr(module, "hparams", {})
+    if hparams.get("lr_interval") != "epoch":
+        return
+    scheduler = module.lr_schedulers()
+    if scheduler is not None:
+        scheduler.step(epoch=module.trainer.current_epoch)
 
 
 def _isolate_skipped_validation(trainer: L.Trainer) -> None:

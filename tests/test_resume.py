@@ -169,15 +169,24 @@ class _StopAt(L.Callback):
                 raise _Interrupt
 
 
-def _fit(root: Path, family: str, stop: _StopAt | None = None, ckpt: Path | None = None) -> dict:
+def _fit(
+    root: Path,
+    family: str,
+    stop: _StopAt | None = None,
+    ckpt: Path | None = None,
+    every: int = 3,
+    **module_kw,
+) -> dict:
     L.seed_everything(0, verbose=False)
-    module = MaskSubModule(**FAMILIES[family], num_classes=10, lr=2e-3, warmup_epochs=0.5)
+    module = MaskSubModule(
+        **FAMILIES[family], num_classes=10, **{"lr": 2e-3, "warmup_epochs": 0.5, **module_kw}
+    )
     data = DigitsDataModule(**DATA)
     weights = FinalWeights()
     callbacks = [
         weights,
         EMAWeightAveraging(decay=0.9),
-        ResumeCheckpoint(every_n_train_steps=3, dirpath=str(root)),
+        ResumeCheckpoint(every_n_train_steps=every, dirpath=str(root)),
     ]
     trainer = L.Trainer(
         accelerator="cpu",
@@ -209,6 +218,17 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path):
     assert_bitwise_equal(full, resumed)
     # The check can fail: the weights did change after the checkpoint's step.
     assert not torch.equal(saved["current_model_state"]["model.cls_token"], full["raw"]["model.cls_token"])
+
+
+def test_resume_from_the_end_of_an_epoch_with_a_per_epoch_schedule(tmp_path):
+    """resume.ckpt after the last batch of epoch 1, before its validation and epoch end (LR moved per epoch)."""
+    kw = dict(every=5, lr_interval="epoch", warmup_epochs=1)
+    full = _fit(tmp_path / "full", "vit_token_mask", **kw)
+    with pytest.raises(_Interrupt):
+        _fit(tmp_path / "cut", "vit_token_mask", stop=_StopAt(7, "exception"), **kw)
+    ckpt = tmp_path / "cut" / "resume.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 5
+    assert_bitwise_equal(full, _fit(tmp_path / "resumed", "vit_token_mask", ckpt=ckpt, **kw))
 
 
 @pytest.mark.slow
@@ -327,7 +347,7 @@ def _ddp_fit(root: Path, stop: int | None = None, ckpt: Path | None = None) -> l
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo"),
+        strategy=DDPStrategy(start_method="fork", process_group_backend="gloo"),  # spawn cannot pickle EMA
         max_epochs=2,
         limit_train_batches=5,
         limit_val_batches=2,
