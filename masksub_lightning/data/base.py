@@ -339,6 +339,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self._mixup: Mixup | None = None
         self._mix_step = 0  # training batches mixed so far: the Mixup / CutMix seed of the next one
         self._loader_datasets: dict[str, SampleDataset] = {}
+        self._train_loader: TrainLoader | None = None
+        self._train_loader_state: dict[str, Any] | None = None  # from a checkpoint, for the next train loader
         self._setup_skips: dict[str, dict[str, list[str]]] = {}
         self._reported_skips: dict[str, int] = {}
         self._report_epoch: int | None = None
@@ -690,9 +692,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(mix_seed(self.seed, rank))
         with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch function: not our concern
             warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated")
-            return TrainLoader(
+            loader = TrainLoader(
                 dataset, sampler=sampler, drop_last=True, generator=generator, **self._loader_kwargs()
             )
+        if self._train_loader_state is not None:
+            loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        self._train_loader = loader
+        return loader
 
     def _eval_loader(self, split: Split) -> DataLoader:
         # Each rank evaluates its own shard without padding: every sample counted exactly once under DDP.
@@ -753,11 +760,21 @@ class ImageClassificationDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------------- state and reports
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints by Lightning: the Mixup / CutMix step counter."""
-        return {"mix_step": self._mix_step}
+        """Saved in checkpoints by Lightning: the Mixup / CutMix step counter and the train loader's state.
+
+        Lightning keeps the loader's state in its fit loop too, but restores it only into a loader built after
+        the loop state is restored. A module whose ``configure_optimizers`` reads
+        ``trainer.estimated_stepping_batches`` (or calls ``fit_loop.setup_data()``) builds the loader before
+        that, and Lightning's copy never reaches it; this copy is loaded into that loader when it is built.
+        """
+        state: dict[str, Any] = {"mix_step": self._mix_step}
+        if self._train_loader is not None:
+            state["train_loader"] = self._train_loader.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._mix_step = int(state_dict.get("mix_step", 0))
+        self._train_loader_state = state_dict.get("train_loader")
 
     def _maybe_report_skips(self) -> None:
         epoch = getattr(self.trainer, "current_epoch", None)
