@@ -150,11 +150,14 @@ class RepeatedAugSampler(DistributedSampler):
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue at ``state``'s epoch and position on the next ``iter()``.
 
+        The state may come from another rank: Lightning checkpoints rank 0's loader state only and every rank
+        loads it. That is exact, since all ranks hand out the same number of samples per epoch.
+
         Raises:
-            ValueError: the state comes from a different seed, world size, rank, repeat count or dataset size,
-                so the stream it describes is not this sampler's.
+            ValueError: the state comes from a different seed, world size, repeat count or dataset size, so the
+                stream it describes is not this sampler's.
         """
-        for key in ("seed", "num_replicas", "rank", "num_repeats", "dataset_size"):
+        for key in ("seed", "num_replicas", "num_repeats", "dataset_size"):
             mine = len(self.dataset) if key == "dataset_size" else getattr(self, key)
             if key in state and state[key] != mine:
                 raise ValueError(

@@ -157,6 +157,23 @@ def test_sampler_state_checks_it_describes_the_same_stream():
     other = RepeatedAugSampler(range(20), num_repeats=3, seed=2)
     with pytest.raises(ValueError, match=r"seed=1 but this sampler has seed=2"):
         other.load_state_dict(sampler.state_dict())
+    with pytest.raises(ValueError, match=r"num_replicas=1 but this sampler has num_replicas=2"):
+        RepeatedAugSampler(range(20), num_replicas=2, rank=1, seed=1).load_state_dict(sampler.state_dict())
+
+
+def test_rank0_state_resumes_every_rank_at_its_own_stream():
+    # Lightning keeps rank 0's loader state only; rank 1 loading it continues rank 1's stream.
+    ranks = [RepeatedAugSampler(range(50), num_replicas=2, rank=r, seed=3, with_seeds=True) for r in (0, 1)]
+    for s in ranks:
+        s.set_epoch(2)
+    full = [list(s) for s in ranks]
+    it = iter(ranks[0])
+    for _ in range(7):
+        next(it)
+    state = ranks[0].state_dict()
+    fresh = RepeatedAugSampler(range(50), num_replicas=2, rank=1, seed=3, with_seeds=True)
+    fresh.load_state_dict(state)
+    assert list(fresh) == full[1][7:] and full[1][7:] != full[0][7:]
 
 
 class _Seen(L.LightningModule):
@@ -217,4 +234,42 @@ def test_lightning_resume_from_checkpoint_sees_the_uninterrupted_batches(tmp_pat
     _trainer(tmp_path / "resume").fit(resumed, datamodule=_digits(workers), ckpt_path=path)
     assert len(resumed.seen) == 12 - stop
     for (e, x, y), (re, rx, ry) in zip(resumed.seen, reference.seen[stop:]):
+        assert e == re and torch.equal(x, rx) and torch.equal(y, ry)
+
+
+class _RecordBatches(L.Callback):
+    """Records each training batch as the module gets it (after Mixup / CutMix)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        images, targets = batch
+        self.seen.append((trainer.current_epoch, images.clone(), targets.clone()))
+
+
+def test_masksub_module_resume_sees_the_uninterrupted_batches(tmp_path):
+    from conftest import tiny_vit_kwargs
+
+    from masksub_lightning import MaskSubModule
+
+    def module():
+        return MaskSubModule(
+            "vit_tiny_patch16_224", num_classes=10, model_kwargs=tiny_vit_kwargs(), optimizer="sgd", lr=0.01
+        )
+
+    def data():
+        return DigitsDataModule(batch_size=8, img_size=32, **MIX)
+
+    reference = _RecordBatches()
+    _trainer(tmp_path / "ref", enable_checkpointing=False, callbacks=[reference]).fit(
+        module(), datamodule=data()
+    )
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    _trainer(tmp_path / "run", callbacks=[ckpt], max_steps=3).fit(module(), datamodule=data())
+    resumed = _RecordBatches()
+    path = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
+    _trainer(tmp_path / "resume", callbacks=[resumed]).fit(module(), datamodule=data(), ckpt_path=path)
+    assert len(reference.seen) == 12 and len(resumed.seen) == 9
+    for (e, x, y), (re, rx, ry) in zip(resumed.seen, reference.seen[3:]):
         assert e == re and torch.equal(x, rx) and torch.equal(y, ry)
