@@ -23,6 +23,7 @@ import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from masksub_lightning import MaskSubModule
+from masksub_lightning.checkpointing import AlwaysLastCheckpoint
 from masksub_lightning.data import DigitsDataModule
 from masksub_lightning.resume import (
     RNG_KEY,
@@ -172,9 +173,10 @@ class _StopAt(L.Callback):
 def _fit(
     root: Path,
     family: str,
-    stop: _StopAt | None = None,
+    stop: L.Callback | None = None,
     ckpt: Path | None = None,
     every: int = 3,
+    last: bool = False,
     **module_kw,
 ) -> dict:
     L.seed_everything(0, verbose=False)
@@ -188,6 +190,10 @@ def _fit(
         EMAWeightAveraging(decay=0.9),
         ResumeCheckpoint(every_n_train_steps=every, dirpath=str(root)),
     ]
+    if last:  # what `masksub fit` uses: best by val_acc1, last.ckpt at every validation end
+        callbacks.append(
+            AlwaysLastCheckpoint(dirpath=str(root), monitor="val_acc1", mode="max", save_last=True)
+        )
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=3,
@@ -228,6 +234,17 @@ def test_resume_from_the_end_of_an_epoch_with_a_per_epoch_schedule(tmp_path):
         _fit(tmp_path / "cut", "vit_token_mask", stop=_StopAt(7, "exception"), **kw)
     ckpt = tmp_path / "cut" / "resume.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 5
+    assert_bitwise_equal(full, _fit(tmp_path / "resumed", "vit_token_mask", ckpt=ckpt, **kw))
+
+
+def test_resume_from_last_ckpt_written_at_a_validation_end(tmp_path):
+    """last.ckpt (after epoch 2's validation, step 10) is as exact a resume point as resume.ckpt."""
+    kw = dict(lr_interval="epoch", warmup_epochs=1)
+    full = _fit(tmp_path / "full", "vit_token_mask", **kw)
+    with pytest.raises(_Interrupt):
+        _fit(tmp_path / "cut", "vit_token_mask", stop=_StopAt(12, "exception"), last=True, **kw)
+    ckpt = tmp_path / "cut" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 10
     assert_bitwise_equal(full, _fit(tmp_path / "resumed", "vit_token_mask", ckpt=ckpt, **kw))
 
 
