@@ -53,10 +53,10 @@ class NonFiniteMonitor:
         """The first non-finite step among the flags that have landed (all of them with ``wait=True``)."""
         while self._pending:
             step, flags, event = self._pending[0]
-            if event is not None:
-                if not (wait or event.query()):
+            if event is not None and not event.query():  # query() never blocks
+                if not wait:
                     return None
-                event.synchronize()
+                event.synchronize()  # only at flush points (epoch end, before a save), never in a step
             self._pending.popleft()
             if bool(flags.any()):
                 self._pending.clear()
