@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from masksub_lightning import checkpointing, guards, network, resume
@@ -175,6 +176,9 @@ class MaskSubModule(L.LightningModule):
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        # Sample-weighted means synced as sums and counts: exact under DDP with uneven shards (no padding).
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         self._pretrained_loaded = pretrained_weights is None
         # Per-run state of the training step (not hyperparameters, not saved).
         self._nonfinite = guards.NonFiniteMonitor()
@@ -492,7 +496,9 @@ class MaskSubModule(L.LightningModule):
         acc1(logits, target)
         acc5(logits, target)
         batch_size = images.shape[0]
-        self.log(f"{stage}_loss", loss, on_epoch=True, sync_dist=True, batch_size=batch_size)
+        mean_loss = self.val_loss if stage == "val" else self.test_loss
+        mean_loss.update(loss.detach().float(), weight=batch_size)
+        self.log(f"{stage}_loss", mean_loss, on_epoch=True, batch_size=batch_size)
         self.log(f"{stage}_acc1", acc1, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.log(f"{stage}_acc5", acc5, on_epoch=True, batch_size=batch_size)
 
