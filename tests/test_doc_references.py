@@ -60,6 +60,11 @@ def repository_files(root: Path = ROOT) -> list[str]:
         for folder, dirs, files in os.walk(root):
             dirs[:] = [d for d in dirs if d not in EXCLUDED_DIRS and not d.endswith(".egg-info")]
             names.update((Path(folder) / f).relative_to(root).as_posix() for f in files)
+    # Files under a folder that a top-level link points to (./configs -> masksub_lightning/configs) are listed by
+    # the link's path, the one users type and the docs use.
+    for link in (p for p in root.iterdir() if p.is_symlink() and p.is_dir()):
+        target = link.resolve().relative_to(root.resolve()).as_posix() + "/"
+        names = {link.name + "/" + n[len(target) :] if n.startswith(target) else n for n in names}
     return sorted(
         n for n in names if not EXCLUDED_DIRS.intersection(Path(n).parts[:-1]) and (root / n).is_file()
     )
