@@ -52,7 +52,7 @@ _PAUSED = "_masksub_rng_paused"  # the training streams while validation runs
 
 # --------------------------------------------------------------------------------------- one process's states
 def capture_rng_state() -> dict[str, Any]:
-    """This process's torch (CPU and every initialised CUDA device), numpy and Python random states."""
+    """This process's torch (CPU and current CUDA device), numpy and Python random states."""
     np_state = np.random.get_state(legacy=False)
     py_version, py_internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
@@ -67,12 +67,14 @@ def capture_rng_state() -> dict[str, Any]:
         "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # The current device only: a DDP process draws on its own GPU, and reading every visible device's state
+        # would create a CUDA context on each of them.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Put back what :func:`capture_rng_state` returned (CUDA states only if the device count matches)."""
+    """Put back what :func:`capture_rng_state` returned (the CUDA state on the current device)."""
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state(
@@ -86,14 +88,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+    if cuda is not None:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda)
         else:
-            rank_zero_warn(
-                f"the checkpoint holds the CUDA RNG states of {len(cuda)} devices but this process sees "
-                f"{torch.cuda.device_count()}: CUDA random streams are not restored"
-            )
+            rank_zero_warn("the checkpoint holds a CUDA RNG state but CUDA is not available: not restored")
 
 
 # ------------------------------------------------------------------------------------ checkpoint hooks
