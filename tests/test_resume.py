@@ -248,6 +248,38 @@ def test_resume_from_last_ckpt_written_at_a_validation_end(tmp_path):
     assert_bitwise_equal(full, _fit(tmp_path / "resumed", "vit_token_mask", ckpt=ckpt, **kw))
 
 
+class _SigtermAt(L.Callback):
+    """Sends this process a SIGTERM during validation batch 0 after step 5, or after micro-batch 2."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.where == "validation" and trainer.global_step == 5 and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.where == "accumulation" and batch_idx == 2:  # first micro-batch of the second group
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    ("where", "module_kw", "message", "step"),
+    [
+        ("validation", {}, "SIGTERM during validation", 3),
+        ("accumulation", {"grad_accumulation": 2}, "inside a gradient-accumulation group", None),
+    ],
+)
+def test_sigterm_off_a_step_boundary_writes_no_resume_checkpoint(tmp_path, where, module_kw, message, step):
+    with pytest.warns(UserWarning, match=message), pytest.raises(SystemExit):
+        _fit(tmp_path, "vit_token_mask", stop=_SigtermAt(where), **module_kw)
+    ckpt = tmp_path / "resume.ckpt"
+    if step is None:
+        assert not ckpt.exists()
+    else:  # the periodic one from before stays the one to resume from
+        assert torch.load(ckpt, weights_only=True)["global_step"] == step
+
+
 @pytest.mark.slow
 def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(tmp_path):
     full = _fit(tmp_path / "full", "cnn_pixel_mask")
