@@ -229,13 +229,34 @@ class MaskSubModule(L.LightningModule):
                 hp.min_lr,
                 per_epoch=True,
             )
+            self._check_resumed_schedule(scheduler, "epochs")
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         total_steps, steps_per_epoch = self._optimizer_steps()
         warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
         scheduler = build_scheduler(
             optimizer, hp.scheduler, total_steps, warmup_steps, hp.warmup_lr, hp.min_lr
         )
+        self._check_resumed_schedule(scheduler, "optimizer steps")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _check_resumed_schedule(self, scheduler: Any, unit: str) -> None:
+        """Refuse a resume whose schedule would differ in length from the checkpoint's.
+
+        Lightning restores the scheduler's state over the one built here, so a resume with another max_epochs,
+        max_steps, batch size or grad_accumulation would silently keep the old length (and warmup). The rule:
+        resume with the original run's settings; to train on for longer, start a new run from the weights.
+        """
+        saved = getattr(self, "_resumed_schedule", None)
+        if not saved:
+            return
+        built = {"t_initial": scheduler.t_initial, "warmup_t": getattr(scheduler, "warmup_t", None)}
+        if saved != built:
+            raise ValueError(
+                f"cannot resume: the checkpoint's LR schedule spans {saved['t_initial']} {unit} (warmup "
+                f"{saved['warmup_t']}), this run's would span {built['t_initial']} (warmup {built['warmup_t']}): "
+                "max_epochs, max_steps, the batch size or grad_accumulation changed. Resume with the original "
+                "settings, or start a new run from the weights (--model.init_args.pretrained_weights CKPT)"
+            )
 
     def _optimizer_steps(self) -> tuple[int, int]:
         """(optimizer steps of the whole run, optimizer steps per epoch), counting accumulation groups."""
@@ -293,6 +314,8 @@ class MaskSubModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         resume.stash_rng_states(self, checkpoint)  # put back in on_train_start, after Lightning's set-up
+        saved = checkpoint.get("lr_schedulers") or [{}]
+        self._resumed_schedule = {k: saved[0].get(k) for k in ("t_initial", "warmup_t")} if saved[0] else None
 
     def on_validation_model_zero_grad(self) -> None:
         super().on_validation_model_zero_grad()
