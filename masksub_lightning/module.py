@@ -89,7 +89,7 @@ class MaskSubModule(L.LightningModule):
         model: str | nn.Module = "vit_small_patch16_224",
         num_classes: int = 1000,
         model_kwargs: dict[str, Any] | None = None,
-        drop_path_profile: Literal["linear", "constant"] = "linear",
+        drop_path_profile: str = "linear",  # "linear" | "constant": checked below, one-line error from the CLI
         head_init_std: float | None = None,
         freeze: list[str] | None = None,
         pretrained_weights: str | None = None,
@@ -113,7 +113,7 @@ class MaskSubModule(L.LightningModule):
         min_lr: float = 1e-6,
         grad_clip_norm: float | None = None,
         grad_accumulation: int = 1,
-        nonfinite_loss: Literal["stop", "skip"] = "stop",
+        nonfinite_loss: str = "stop",  # "stop" | "skip"
         compile: bool = False,
         channels_last: bool = False,
     ) -> None:
@@ -185,6 +185,9 @@ class MaskSubModule(L.LightningModule):
         self._skip_reason: guards.NonFinite | None = None
         self._skipped_steps = 0
         self._group_logs: tuple[dict[str, Tensor], int] | None = None
+        # Analysis probes (masksub_lightning.callbacks.BranchGradients) read .grad after the main branch's backward
+        # and before clipping; they never change it. Empty unless such a callback is attached.
+        self._gradient_probes: list[Any] = []
 
     # weights_only=True by default (Lightning passes None on to torch.load) and one clear error for unsafe files.
     load_from_checkpoint = checkpointing.load_from_checkpoint
@@ -374,6 +377,8 @@ class MaskSubModule(L.LightningModule):
                 main_logits = self.model(images)
                 loss_main = self.main_loss(main_logits, target)
                 self.manual_backward(loss_main * (scale / 2))
+                for probe in self._gradient_probes:  # .grad holds the main branch's share here
+                    probe.after_main_backward(self)
             main_logits = main_logits.detach()
             with self._gradient_sync(opt, last_in_group):  # one all-reduce per optimizer step
                 loss_sub = self.sub_loss(self.sub_branch_forward(images), main_logits)
@@ -401,6 +406,8 @@ class MaskSubModule(L.LightningModule):
             self._group_logs = None
             self.log("train_skipped_steps", float(self._skipped_steps), on_step=True, on_epoch=False)
             return
+        for probe in self._gradient_probes:  # the whole step's gradient, before clipping
+            probe.before_optimizer_step(self)
         grad_norm = self._clip_gradients(opt)
         lr = opt.optimizer.param_groups[-1]["lr"]  # the LR this step applies (the schedule moves it below)
         opt.step()

@@ -97,6 +97,12 @@ def test_fit_then_validate_the_saved_checkpoint(tmp_path, monkeypatch, capsys):
         ("--model.init_args.sub_ratio=1.5", "sub_ratio must be in [0, 1), got 1.5"),
         ("--model.init_args.sub_branch=masking", "unknown sub-branch 'masking'; known kinds:"),
         ("--model.init_args.optimizer=adamww", "unknown optimizer 'adamww'"),
+        ("--model.init_args.drop_path_profile=cosine", "drop_path_profile must be one of linear, constant"),
+        ("--model.init_args.grad_accumulation=0", "grad_accumulation must be a positive int, got 0"),
+        (
+            "--model.init_args.grad_accumulation=100",  # found when the epoch length is known, before training
+            "grad_accumulation=100 is more than the 22 train batches of an epoch",
+        ),
     ],
 )
 def test_bad_values_exit_nonzero_with_a_message_naming_them(override, expected, capsys):
