@@ -57,6 +57,7 @@ from masksub_lightning.data.datasets import (
     require_path,
     seeded_rng,
 )
+from masksub_lightning.data.decode import fast_decode_pipeline
 from masksub_lightning.data.samplers import RepeatedAugSampler, ShardedEvalSampler, mix_seed
 
 Split = Literal["train", "val", "test"]
@@ -250,6 +251,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
             each file once per process; a warning with the count about once per epoch).
         min_image_size: images whose shorter side is below this many pixels are bad samples (see
             ``bad_samples``). 1 (default) accepts every image; timm's crops upsample small images.
+        fast_decode: decode JPEGs at 1/2, 1/4 or 1/8 size when the first resize (RandomResizedCrop, Resize)
+            keeps fewer pixels anyway; the crop geometry is unchanged, the pixels differ by resampling only
+            (:mod:`masksub_lightning.data.decode`). Image-file datasets only.
 
     Raises:
         ValueError: an argument is out of range; the message names the value and what is allowed.
@@ -287,6 +291,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
     seed = HParam()
     bad_samples = HParam()
     min_image_size = HParam()
+    fast_decode = HParam()
 
     def __init__(
         self,
@@ -321,6 +326,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         seed: int = 0,
         bad_samples: Literal["error", "skip"] = "error",
         min_image_size: int = 1,
+        fast_decode: bool = False,
     ) -> None:
         super().__init__()
         # Also collects the calling subclass's own arguments; base arguments the subclass does not accept are
@@ -370,7 +376,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         check_optional_str("root", self.root, path=True)
         check_optional_str("auto_augment", self.auto_augment)
         check_optional_str("norm_from_model", self.norm_from_model)
-        for name in ("pin_memory", "persistent_workers", "channels_last"):
+        for name in ("pin_memory", "persistent_workers", "channels_last", "fast_decode"):
             check_bool(name, getattr(self, name))
         check_int("seed", self.seed, minimum=0)
         check_int("min_image_size", self.min_image_size, minimum=1)
@@ -518,6 +524,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """The dataset of a split. The default serves ``read_samples(split)`` image files."""
         source = f"{type(self).__name__} {split} split under {self.root}"
         samples = self.drop_bad_labels(split, self.read_samples(split), source)
+        if self.fast_decode and transform is not None:
+            transform = fast_decode_pipeline(transform)
         return ImageListDataset(samples, self.num_classes, transform, source, min_size=self.min_image_size)
 
     def build_transform(self, train: bool) -> Callable:

@@ -150,6 +150,8 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
+        if getattr(self.transform, "takes_unloaded_image", False):
+            return self._load_undecoded(path, label)
         img = load_rgb(path)
         if min(img.size) < self.min_size:
             raise ImageTooSmallError(
@@ -163,6 +165,29 @@ class ImageListDataset(Dataset):
                     f"The transform failed on image file {path} ({img.width}x{img.height} px): {e!r}"
                 ) from e
         return img, label
+
+    def _load_undecoded(self, path: str, label: int) -> tuple[torch.Tensor, int]:
+        """Open without decoding and let the transform decode (``fast_decode``: it picks a reduced JPEG size)."""
+        try:
+            img = Image.open(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Image file not found: {path}") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise CorruptImageError(f"Cannot decode image file {path}: {e}") from e
+        with img:
+            if min(img.size) < self.min_size:
+                raise ImageTooSmallError(
+                    f"Image file {path} is {img.width}x{img.height} px, smaller than "
+                    f"min_image_size={self.min_size}"
+                )
+            try:
+                return self.transform(img), label  # type: ignore[misc]
+            except BadImageError:
+                raise  # the decoder's own error already names the file
+            except Exception as e:
+                raise ImageTransformError(
+                    f"The transform failed on image file {path} ({img.width}x{img.height} px): {e!r}"
+                ) from e
 
 
 class ArrayImageDataset(Dataset):
