@@ -44,6 +44,7 @@ SUBCOMMANDS = {
     "test": "evaluate a checkpoint on the test split",
     "predict": "class probabilities of a checkpoint on the prediction split",
     "recipes": "list the training recipes under configs/ and the paper's top-1 each one targets",
+    "plot": "PNG figures from the metrics.csv of one or more runs, overlaid (needs matplotlib)",
 }
 
 HELP = """usage: masksub <command> [options]
@@ -100,6 +101,9 @@ def main(args: list[str] | None = None) -> None:
         from masksub_lightning.recipes import main as recipes_main
 
         recipes_main(argv[1:])
+        return
+    if first in ("plot",):  # no Lightning CLI: the module parses its own options (masksub_lightning.plot)
+        importlib.import_module(f"masksub_lightning.{first}").main(argv[1:])
         return
     if not first.startswith("-") and first not in SUBCOMMANDS:
         print(

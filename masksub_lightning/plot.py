@@ -1,0 +1,249 @@
+"""The ``masksub plot`` command: PNG figures from the CSV logs of one or more runs, overlaid.
+
+    masksub plot runs/quickstart/version_0 runs/quickstart_baseline/version_0 --out figures/
+
+Each ``RUN_DIR`` is a ``metrics.csv`` written by Lightning's ``CSVLogger``, the folder holding it, or a folder
+above several of them (every ``metrics.csv`` below it is a run). Figures written to ``--out`` (default: the
+current directory), each only when some run logged its columns:
+
+=========================== =========================================================================================
+``losses.png``              ``train_loss_main`` and ``train_loss_sub`` per epoch (per step when no epoch means)
+``val_acc1.png``            validation top-1 per epoch
+``branch_gradients.png``    ``branch_grad_norm_main`` / ``_sub`` and their cosine per step
+                            (:class:`~masksub_lightning.callbacks.BranchGradients`)
+``masked_input.png``        held-out loss on clean and on masked inputs per epoch
+                            (:class:`~masksub_lightning.callbacks.MaskedInputLoss`)
+``lr.png``                  learning rate per step
+=========================== =========================================================================================
+
+Runs are named by their folder (``quickstart/version_0``). Reads CSV only: no torch import; matplotlib is needed
+(``pip install matplotlib``, or the package's ``dev`` / ``notebook`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Run", "find_runs", "main", "plot_runs", "read_run"]
+
+#: A series: (x, value) pairs in the order logged.
+Series = list[tuple[float, float]]
+
+
+@dataclass
+class Run:
+    """The logged columns of one run: per-step series (x = ``step``) and per-epoch series (x = epoch + 1)."""
+
+    name: str
+    path: Path
+    steps: dict[str, Series] = field(default_factory=dict)
+    epochs: dict[str, Series] = field(default_factory=dict)
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """The ``metrics.csv`` files named by ``paths`` (files, run folders, or folders above runs), in order.
+
+    Raises:
+        ValueError: a path that does not exist or holds no ``metrics.csv``.
+    """
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            files = [path]
+        elif (path / "metrics.csv").is_file():
+            files = [path / "metrics.csv"]
+        elif path.is_dir():
+            files = sorted(path.rglob("metrics.csv"))
+        else:
+            raise ValueError(f"RUN_DIR {str(path)!r} does not exist")
+        if not files:
+            raise ValueError(
+                f"RUN_DIR {str(path)!r} holds no metrics.csv (a CSVLogger run folder is expected)"
+            )
+        found += [f for f in files if f not in found]
+    return found
+
+
+def _run_names(files: list[Path]) -> list[str]:
+    """Shortest folder suffixes that tell the runs apart (``quickstart/version_0`` vs ``baseline/version_0``)."""
+    parts = [f.resolve().parent.parts for f in files]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names) and not any(n.startswith("version_") for n in names):
+            return names
+    return [str(f.parent) for f in files]
+
+
+def read_run(metrics_csv: str | Path, name: str | None = None) -> Run:
+    """Read a CSVLogger ``metrics.csv``: every non-empty cell becomes a point of its column's series.
+
+    Columns ending in ``_step`` are per-step (the suffix is dropped), ``_epoch`` per-epoch (suffix dropped); others
+    are per-epoch when their rows carry no per-step value at another step of the same epoch, which holds for
+    validation and the callbacks' epoch metrics; ``lr`` and ``branch_grad_*`` are per-step.
+    """
+    path = Path(metrics_csv)
+    run = Run(name or path.parent.name, path)
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = _number(row.get("step"))
+            epoch = _number(row.get("epoch"))
+            for column, cell in row.items():
+                if column in ("step", "epoch") or cell in ("", None):
+                    continue
+                value = _number(cell)
+                if value is None:
+                    continue
+                if column.endswith("_step") or column == "lr" or column.startswith("branch_grad_"):
+                    key = column.removesuffix("_step")
+                    if step is not None:
+                        run.steps.setdefault(key, []).append((step, value))
+                elif epoch is not None:
+                    run.epochs.setdefault(column.removesuffix("_epoch"), []).append((epoch + 1, value))
+    return run
+
+
+def _number(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _import_figure() -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "masksub plot needs matplotlib: pip install matplotlib (or masksub-lightning[notebook])"
+        ) from None
+    return Figure
+
+
+def plot_runs(paths: Sequence[str | Path], out_dir: str | Path = ".") -> list[Path]:
+    """Write the figures of the runs under ``paths`` into ``out_dir``; returns the files written.
+
+    Raises:
+        ValueError: a bad path, or runs that logged none of the plotted columns.
+        ImportError: matplotlib is not installed.
+    """
+    figure_class = _import_figure()
+    files = find_runs(paths)
+    runs = [read_run(f, n) for f, n in zip(files, _run_names(files))]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    written: list[Path] = []
+
+    def save(fig: Any, filename: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=120)
+        written.append(out / filename)
+
+    # Training losses per branch: per epoch when the module logged epoch means.
+    loss_source = "epochs" if any("train_loss_main" in r.epochs for r in runs) else "steps"
+    if any("train_loss_main" in getattr(r, loss_source) for r in runs):
+        fig = figure_class(figsize=(7, 4.2))
+        ax = fig.add_subplot()
+        for run, color in zip(runs, colors):
+            series = getattr(run, loss_source)
+            for column, style in (("train_loss_main", "-"), ("train_loss_sub", "--")):
+                if column in series:
+                    label = f"{run.name}: {column.removeprefix('train_loss_')}"
+                    ax.plot(*zip(*series[column]), style, color=color, marker="o", ms=2.5, label=label)
+        ax.set(
+            xlabel=loss_source[:-1], ylabel="training loss", yscale="log", title="training loss per branch"
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "losses.png")
+
+    if any("val_acc1" in r.epochs for r in runs):
+        fig = figure_class(figsize=(7, 4.2))
+        ax = fig.add_subplot()
+        for run, color in zip(runs, colors):
+            if "val_acc1" in run.epochs:
+                ax.plot(*zip(*run.epochs["val_acc1"]), "-o", color=color, ms=2.5, label=run.name)
+        ax.set(xlabel="epoch", ylabel="val top-1", title="validation top-1 (main branch)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "val_acc1.png")
+
+    if any("branch_grad_norm_main" in r.steps for r in runs):
+        fig = figure_class(figsize=(12, 4.2))
+        ax_norm, ax_cos = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        for run, color in zip(runs, colors):
+            for column, style in (("branch_grad_norm_main", "-"), ("branch_grad_norm_sub", "--")):
+                if column in run.steps:
+                    label = f"{run.name}: {column.removeprefix('branch_grad_norm_')}"
+                    ax_norm.plot(*zip(*run.steps[column]), style, color=color, label=label)
+            if "branch_grad_cosine" in run.steps:
+                ax_cos.plot(*zip(*run.steps["branch_grad_cosine"]), "-", color=color, label=run.name)
+        ax_norm.set(xlabel="step", ylabel="gradient L2 norm", yscale="log", title="gradient norm per branch")
+        ax_cos.set(xlabel="step", ylabel="cosine", title="cosine(main gradient, sub gradient)")
+        ax_cos.axhline(0.0, color="0.6", lw=0.8)
+        for ax in (ax_norm, ax_cos):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        save(fig, "branch_gradients.png")
+
+    if any("masked_input_loss" in r.epochs for r in runs):
+        fig = figure_class(figsize=(7, 4.2))
+        ax = fig.add_subplot()
+        for run, color in zip(runs, colors):
+            for column, style in (("clean_input_loss", "-"), ("masked_input_loss", "--")):
+                if column in run.epochs:
+                    label = f"{run.name}: {column.removesuffix('_input_loss')}"
+                    ax.plot(*zip(*run.epochs[column]), style, color=color, marker="o", ms=2.5, label=label)
+        ax.set(
+            xlabel="epoch", ylabel="held-out loss (true labels)", yscale="log", title="clean vs masked inputs"
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "masked_input.png")
+
+    if any("lr" in r.steps for r in runs):
+        fig = figure_class(figsize=(7, 3.5))
+        ax = fig.add_subplot()
+        for run, color in zip(runs, colors):
+            if "lr" in run.steps:
+                ax.plot(*zip(*run.steps["lr"]), "-", color=color, label=run.name)
+        ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "lr.png")
+
+    if not written:
+        names = ", ".join(str(f) for f in files)
+        raise ValueError(
+            f"nothing to plot in {names}: none of train_loss_main, val_acc1, branch_grad_*, lr logged"
+        )
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``masksub plot`` (``masksub_lightning.cli`` routes the sub-command here)."""
+    parser = argparse.ArgumentParser(
+        prog="masksub plot",
+        description="PNG figures (losses per branch, val top-1, branch gradient norms and cosine, held-out "
+        "masked-input loss, LR) from the metrics.csv of one or more CSVLogger runs, overlaid.",
+    )
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="metrics.csv, its folder, or a folder above runs"
+    )
+    parser.add_argument("--out", default=".", metavar="DIR", help="folder for the PNG files (default: .)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        written = plot_runs(args.runs, args.out)
+    except (ValueError, ImportError) as err:
+        parser.exit(2, f"masksub plot: error: {err}\n")
+    for path in written:
+        print(path)
