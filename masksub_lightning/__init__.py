@@ -3,6 +3,7 @@
 Public API::
 
     from masksub_lightning import MaskSubModule, SubBranch, register_sub_branch, build_sub_branch, MaskSubLoss
+    from masksub_lightning import MAEModule, LUTModule, export_encoder     # MAE / LUT pre-training
 
 The names are imported on first use (``__getattr__`` below): importing the package, or running ``masksub
 recipes`` / ``masksub --help``, does not import torch or Lightning, which takes several seconds.
@@ -26,17 +27,23 @@ _LAZY = {
     "register_sub_branch": "masksub_lightning.subbranch",
     "AtomicCheckpointIO": "masksub_lightning.checkpointing",
     "AlwaysLastCheckpoint": "masksub_lightning.checkpointing",
+    "MAEModule": "masksub_lightning.pretraining",
+    "LUTModule": "masksub_lightning.pretraining",
+    "export_encoder": "masksub_lightning.pretraining",
 }
 
 __all__ = [
     "SUB_BRANCHES",
     "AlwaysLastCheckpoint",
     "AtomicCheckpointIO",
+    "LUTModule",
+    "MAEModule",
     "MaskSubLoss",
     "MaskSubModule",
     "SubBranch",
     "UnsupportedModelError",
     "build_sub_branch",
+    "export_encoder",
     "register_sub_branch",
 ]
 
@@ -44,6 +51,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from masksub_lightning.checkpointing import AlwaysLastCheckpoint, AtomicCheckpointIO
     from masksub_lightning.losses import MaskSubLoss
     from masksub_lightning.module import MaskSubModule
+    from masksub_lightning.pretraining import LUTModule, MAEModule, export_encoder
     from masksub_lightning.subbranch import (
         SUB_BRANCHES,
         SubBranch,

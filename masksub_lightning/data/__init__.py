@@ -10,6 +10,7 @@ class                                  data
 :class:`CIFAR10DataModule`, ...100     CIFAR python pickle batches
 :class:`Flowers102DataModule`, ...     fine-grained transfer sets in torchvision's layouts, CUB, Dogs
 :class:`INaturalistDataModule`         iNaturalist 2018 / 2019 (json) and 2021 (folders)
+:class:`PretrainImageFolderDataModule` MAE / LUT pre-training views (also ...ImageNet..., ...Digits...)
 =====================================  ===============================================================
 
 Train loaders are torchdata ``StatefulDataLoader`` s that resume mid-epoch exactly from a Lightning checkpoint;
@@ -40,6 +41,11 @@ from masksub_lightning.data.finegrained import (
 )
 from masksub_lightning.data.imagenet import ImageFolderDataModule, ImageNetDataModule
 from masksub_lightning.data.inaturalist import INaturalistDataModule
+from masksub_lightning.data.pretrain import (
+    PretrainDigitsDataModule,
+    PretrainImageFolderDataModule,
+    PretrainImageNetDataModule,
+)
 from masksub_lightning.data.samplers import RepeatedAugSampler, ShardedEvalSampler
 
 __all__ = [
@@ -61,6 +67,9 @@ __all__ = [
     "ImageTooSmallError",
     "ImageTransformError",
     "OxfordIIITPetDataModule",
+    "PretrainDigitsDataModule",
+    "PretrainImageFolderDataModule",
+    "PretrainImageNetDataModule",
     "RepeatedAugSampler",
     "SampleDataset",
     "ShardedEvalSampler",
