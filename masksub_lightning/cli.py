@@ -45,6 +45,7 @@ SUBCOMMANDS = {
     "predict": "class probabilities of a checkpoint on the prediction split",
     "recipes": "list the training recipes under configs/ and the paper's top-1 each one targets",
     "plot": "PNG figures from the metrics.csv of one or more runs, overlaid (needs matplotlib)",
+    "export": "a checkpoint's network as a timm model folder (config.json, model.safetensors, README.md)",
 }
 
 HELP = """usage: masksub <command> [options]
@@ -102,7 +103,7 @@ def main(args: list[str] | None = None) -> None:
 
         recipes_main(argv[1:])
         return
-    if first in ("plot",):  # no Lightning CLI: the module parses its own options (masksub_lightning.plot)
+    if first in ("plot", "export"):  # no Lightning CLI: masksub_lightning.plot / .export parse their own options
         importlib.import_module(f"masksub_lightning.{first}").main(argv[1:])
         return
     if not first.startswith("-") and first not in SUBCOMMANDS:

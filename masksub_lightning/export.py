@@ -1,0 +1,282 @@
+"""The ``masksub export`` command: a trained network as a timm model folder, loadable with timm alone.
+
+    masksub export runs/quickstart/version_0/checkpoints/last.ckpt exported/quickstart
+    python -c "import timm; m = timm.create_model('local-dir:exported/quickstart', pretrained=True)"
+
+The folder is what timm writes for its Hugging Face hub models (``timm.models.push_to_hf_hub``'s ``save_for_hf``):
+``config.json`` (architecture, ``num_classes``, the constructor arguments in ``model_args`` (the run's
+``model_kwargs``: img_size, depth, ...), the preprocessing in ``pretrained_cfg``: input size and the DataModule's
+mean / std) and ``model.safetensors`` (the timm model's own state dict, without the sub-branch's extras such as the
+``mask_token`` kind's token), plus a short model card ``README.md`` (sub-branch, recipe options, data, validation
+top-1, how it was trained and how to load it) and, when the run has one, its resolved ``config.yaml``.
+
+Weights: with Lightning's ``EMAWeightAveraging`` the checkpoint's ``state_dict`` holds the EMA weights and
+``current_model_state`` the raw ones; ``--ema`` / ``--raw`` choose, and the default takes the EMA weights when the
+checkpoint has them. (A checkpoint written after ``fit`` ended carries the EMA weights in ``state_dict`` without
+the raw copy, so it cannot be told apart from a run without EMA.) The checkpoint is read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["ExportError", "export_checkpoint", "main"]
+
+WEIGHTS_FILE = "model.safetensors"
+#: Parameters the sub-branch kinds add to the network (they are not part of the timm model).
+_SUB_BRANCH_KEYS = ("masksub_mask_token",)
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported as asked (no timm name, no EMA weights, an occupied output folder)."""
+
+
+def _load(path: Path) -> dict[str, Any]:
+    from masksub_lightning.checkpointing import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ExportError(f"{path} is not a MaskSubModule checkpoint (no state_dict / hyper_parameters)")
+    return ckpt
+
+
+def _select_weights(ckpt: dict[str, Any], weights: str, path: Path) -> tuple[dict[str, Any], str]:
+    has_ema = "current_model_state" in ckpt
+    if weights == "ema" and not has_ema:
+        raise ExportError(
+            f"--ema: {path} holds no EMA weights (no 'current_model_state': the run had no EMAWeightAveraging "
+            "callback, or the checkpoint was written after fit ended); use --raw or the default"
+        )
+    if weights == "raw":
+        return (ckpt["current_model_state"] if has_ema else ckpt["state_dict"]), "raw"
+    return ckpt["state_dict"], ("EMA" if has_ema else "raw")
+
+
+def _network_state(module_state: dict[str, Any]) -> dict[str, Any]:
+    """The timm network's entries of a MaskSubModule state dict (prefix ``model.``), without sub-branch extras."""
+    state = {k[len("model.") :]: v for k, v in module_state.items() if k.startswith("model.")}
+    return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in _SUB_BRANCH_KEYS}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _run_dir(ckpt_path: Path) -> Path:
+    """The run's log folder: checkpoints live in ``<log_dir>/checkpoints/`` (Lightning's default layout)."""
+    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+
+
+def _val_top1(ckpt: dict[str, Any], run_dir: Path) -> float | None:
+    """val_acc1 of the checkpoint's epoch from the run's metrics.csv, else a ModelCheckpoint's score."""
+    epoch = ckpt.get("epoch")
+    for metrics in sorted(run_dir.glob("metrics.csv")):
+        found = None
+        with metrics.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("val_acc1") and row.get("epoch") not in (None, "") and int(row["epoch"]) <= epoch:
+                    found = float(row["val_acc1"])
+        if found is not None:
+            return found
+    for name, state in (ckpt.get("callbacks") or {}).items():
+        if "ModelCheckpoint" in name and isinstance(state, dict) and state.get("monitor") == "val_acc1":
+            score = state.get("current_score")
+            if score is not None:
+                return float(score)
+    return None
+
+
+def _read_config(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    with path.open() as f:
+        config = yaml.safe_load(f)
+    return config if isinstance(config, dict) else None
+
+
+def _data_description(ckpt: dict[str, Any], config: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """(DataModule class, its init arguments) from the run's config.yaml, else from the checkpoint."""
+    data = (config or {}).get("data")
+    if isinstance(data, dict) and "class_path" in data:
+        return data["class_path"], dict(data.get("init_args") or {})
+    hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    names = [k for k in ckpt if isinstance(k, str) and k.endswith("DataModule")]
+    return (names[0] if names else "unknown"), hparams
+
+
+def _card(info: dict[str, Any]) -> str:
+    hp = info["hparams"]
+    lines = [
+        f"# {info['architecture']} trained with MaskSub",
+        "",
+        f"A timm `{info['architecture']}` ({info['num_classes']} classes, input {info['input']}) trained with "
+        "[masksub-lightning](https://arxiv.org/abs/2306.11339) (MaskSub: a sub-branch on masked inputs trained to "
+        "match the main branch). Exported by `masksub export` from a Lightning checkpoint.",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "import timm",
+        f'model = timm.create_model("local-dir:{info["out_dir"]}", pretrained=True).eval()',
+        "```",
+        "",
+        "## Training",
+        "",
+        f"- weights: {info['weights']} (checkpoint `{info['checkpoint']}`, epoch {info['epoch']}, "
+        f"{info['global_step']} optimizer steps)",
+        f"- validation top-1 at that epoch: {info['val_top1']}",
+        f"- sub-branch: `{hp.get('sub_branch', 'object')}` at ratio {hp.get('sub_ratio')} "
+        f"(`none` = the baseline without a sub-branch)",
+        f"- model_kwargs: `{json.dumps(_jsonable(hp.get('model_kwargs') or {}))}`",
+        f"- loss `{hp.get('loss')}`, optimizer `{hp.get('optimizer')}` at lr {hp.get('lr')}, weight decay "
+        f"{hp.get('weight_decay')}, schedule `{hp.get('scheduler')}`, warmup epochs {hp.get('warmup_epochs')}, "
+        f"grad accumulation {hp.get('grad_accumulation', 1)}",
+        f"- data: `{info['data_class']}` with `{json.dumps(_jsonable(info['data_args']), default=str)}`",
+    ]
+    if info["has_config"]:
+        lines += [
+            "",
+            "Trained by `masksub fit` with the resolved configuration in `config.yaml` (next to this card); "
+            "the same run again: `masksub fit --config config.yaml`.",
+        ]
+    else:
+        lines += ["", "The run's `config.yaml` was not found next to the checkpoint (trained from Python?)."]
+    return "\n".join(lines) + "\n"
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    weights: Literal["auto", "ema", "raw"] = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """Write the checkpoint's network as a timm model folder (see the module docstring); returns ``out_dir``.
+
+    Args:
+        checkpoint: a MaskSubModule Lightning checkpoint (``.ckpt``), read with ``weights_only=True``.
+        out_dir: the folder to write; must be empty or absent unless ``overwrite``.
+        weights: ``ema`` (error if there are none), ``raw``, or ``auto`` (EMA when the checkpoint has them).
+        overwrite: replace the files of an existing export in ``out_dir``.
+
+    Raises:
+        ExportError: no timm model name in the hyperparameters, ``ema`` without EMA weights, an occupied
+            ``out_dir``, or weights that do not fit the rebuilt model.
+        ValueError: a bad ``weights`` value.
+    """
+    if weights not in ("auto", "ema", "raw"):
+        raise ValueError(f"weights must be 'auto', 'ema' or 'raw', got {weights!r}")
+    import timm
+    from timm.models import save_for_hf
+
+    ckpt_path, out = Path(checkpoint), Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"OUT_DIR {str(out)!r} is not empty; choose another folder or pass --overwrite")
+    ckpt = _load(ckpt_path)
+    hp = dict(ckpt["hyper_parameters"])
+    name = hp.get("model")
+    if not isinstance(name, str):
+        raise ExportError(
+            f"{ckpt_path} does not name a timm model (the module was built from an nn.Module object); "
+            "export needs a run whose `model` was a timm model name"
+        )
+    num_classes = int(hp["num_classes"])
+    model_kwargs = _jsonable(dict(hp.get("model_kwargs") or {}))
+    model_kwargs.pop("num_classes", None)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
+    state, kind = _select_weights(ckpt, weights, ckpt_path)
+    try:
+        model.load_state_dict(_network_state(state), strict=True)
+    except RuntimeError as err:
+        raise ExportError(
+            f"the weights of {ckpt_path} do not fit {name}: {str(err).splitlines()[0]}"
+        ) from None
+    model.eval()
+
+    run_dir = _run_dir(ckpt_path)
+    config = _read_config(run_dir)
+    data_class, data_args = _data_description(ckpt, config)
+    data_config = {}
+    # The evaluation preprocessing the network was trained for (DataModule argument -> timm data-config key).
+    for arg, key in (
+        ("mean", "mean"),
+        ("std", "std"),
+        ("eval_crop_pct", "crop_pct"),
+        ("interpolation", "interpolation"),
+    ):
+        value = data_args.get(arg)
+        if value is not None:
+            data_config[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_for_hf(
+        model,
+        str(out),
+        model_args={**model_kwargs, "num_classes": num_classes},
+        safe_serialization=True,
+        data_config=data_config or None,
+    )
+    # The source tag / licence of timm's pretrained config describe timm's weights, not these.
+    config_path = out / "config.json"
+    exported = json.loads(config_path.read_text())
+    cfg = exported.get("pretrained_cfg", {})
+    for key in ("license", "hf_hub_id", "origin_url", "paper_ids", "paper_name", "notes"):
+        cfg.pop(key, None)
+    cfg["tag"] = "masksub"
+    config_path.write_text(json.dumps(exported, indent=2) + "\n")
+
+    if config is not None:
+        shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
+    val_top1 = _val_top1(ckpt, run_dir)
+    info = {
+        "architecture": name,
+        "num_classes": num_classes,
+        "input": "x".join(str(v) for v in cfg.get("input_size", [])),
+        "out_dir": str(out),
+        "weights": kind,
+        "checkpoint": ckpt_path.name,
+        "epoch": ckpt.get("epoch"),
+        "global_step": ckpt.get("global_step"),
+        "val_top1": "not logged" if val_top1 is None else f"{val_top1:.4f}",
+        "hparams": hp,
+        "data_class": data_class,
+        "data_args": data_args,
+        "has_config": config is not None,
+    }
+    (out / "README.md").write_text(_card(info))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``masksub export`` (``masksub_lightning.cli`` routes the sub-command here)."""
+    parser = argparse.ArgumentParser(
+        prog="masksub export",
+        description="Write a MaskSubModule checkpoint's network as a timm model folder (config.json, "
+        "model.safetensors, README.md) that timm.create_model('local-dir:OUT_DIR', pretrained=True) loads.",
+    )
+    parser.add_argument("checkpoint", metavar="CKPT", help="a Lightning checkpoint of a MaskSubModule run")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (empty or absent)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--ema", action="store_const", const="ema", dest="weights", help="the EMA weights")
+    which.add_argument("--raw", action="store_const", const="raw", dest="weights", help="the raw weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT_DIR")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, args.weights or "auto", args.overwrite)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"masksub export: error: {err}\n")
+    print(
+        f"exported {args.checkpoint} to {out} (load: timm.create_model('local-dir:{out}', pretrained=True))"
+    )

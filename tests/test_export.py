@@ -1,0 +1,147 @@
+"""``masksub export``: a checkpoint's network reloads in timm alone and gives the checkpoint module's logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import TINY_RESNET, TINY_VIT, make_loader, quiet_trainer
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from masksub_lightning import MaskSubModule
+from masksub_lightning.cli import main as cli_main
+from masksub_lightning.data import DigitsDataModule
+from masksub_lightning.export import ExportError, export_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SHRUNK = {**TINY_VIT, "depth": 1, "embed_dim": 24, "num_heads": 3}
+
+
+def train(tmp_path, module, callbacks=(), datamodule=None, epochs=1):
+    """A short fit with a CSV logger and a checkpoint per epoch; returns the last checkpoint's path."""
+    logger = CSVLogger(tmp_path, name="run")
+    checkpoint = ModelCheckpoint(dirpath=None, save_top_k=-1)
+    trainer = quiet_trainer(
+        max_epochs=epochs,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        logger=logger,
+        enable_checkpointing=True,
+        callbacks=[checkpoint, *callbacks],
+    )
+    if datamodule is not None:
+        trainer.fit(module, datamodule=datamodule)
+    else:
+        trainer.fit(module, make_loader(n=48, shuffle=True), make_loader(n=16, seed=1))
+    return Path(checkpoint.best_model_path or checkpoint.last_model_path)
+
+
+def module_from(ckpt_path, key="state_dict"):
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    module = MaskSubModule(**ckpt["hyper_parameters"])
+    module.load_state_dict(ckpt[key])
+    return module.eval()
+
+
+def test_exported_vit_reloads_in_timm_with_its_kwargs_classes_and_logits(tmp_path):
+    data = DigitsDataModule(batch_size=64, img_size=32, mean=(0.25, 0.25, 0.25), std=(0.5, 0.5, 0.5))
+    module = MaskSubModule("vit_tiny_patch16_224", 10, model_kwargs=SHRUNK)
+    ckpt = train(tmp_path, module, datamodule=data)
+    out = export_checkpoint(ckpt, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["num_classes"] == 10
+    args = config["model_args"]
+    assert (
+        args["embed_dim"] == 24
+        and args["depth"] == 1
+        and args["patch_size"] == 8
+        and args["img_size"] == [32, 32]
+    )
+    assert config["pretrained_cfg"]["mean"] == [0.25] * 3 and config["pretrained_cfg"]["input_size"] == [
+        3,
+        32,
+        32,
+    ]
+
+    rebuilt = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # nothing else given
+    assert rebuilt.num_classes == 10 and len(rebuilt.blocks) == 1 and rebuilt.embed_dim == 24
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), module_from(ckpt)(images))
+
+    card = (out / "README.md").read_text()
+    assert "sub-branch: `mask` at ratio 0.5" in card and "DigitsDataModule" in card
+    assert "weights: raw" in card and 'timm.create_model("local-dir:' in card
+
+
+def test_ema_weights_by_default_raw_on_request(tmp_path):
+    module = MaskSubModule("resnet18", 4, model_kwargs=TINY_RESNET, sub_branch_kwargs={"cell_size": 16})
+    ckpt = train(tmp_path, module, callbacks=[EMAWeightAveraging()])
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert "current_model_state" in stored  # Lightning's layout: EMA in state_dict, raw beside it
+
+    ema = timm.create_model(f"local-dir:{export_checkpoint(ckpt, tmp_path / 'ema')}", pretrained=True).eval()
+    raw = timm.create_model(f"local-dir:{export_checkpoint(ckpt, tmp_path / 'raw', 'raw')}", pretrained=True)
+    raw.eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ema_logits, raw_logits = ema(images), raw(images)
+        assert torch.equal(ema_logits, module_from(ckpt)(images))
+        assert torch.equal(raw_logits, module_from(ckpt, "current_model_state")(images))
+    assert not torch.allclose(ema_logits, raw_logits)
+    assert "weights: EMA" in (tmp_path / "ema" / "README.md").read_text()
+    # BatchNorm buffers come along (the EMA averages buffers too).
+    assert torch.equal(ema.bn1.running_mean, stored["state_dict"]["model.bn1.running_mean"])
+
+
+def test_the_command_reports_bad_requests(tmp_path, capsys):
+    ckpt = train(
+        tmp_path, MaskSubModule("vit_small_patch16_224", 4, model_kwargs=TINY_VIT, sub_branch="none")
+    )
+    with pytest.raises(ExportError, match="holds no EMA weights"):
+        export_checkpoint(ckpt, tmp_path / "a", "ema")
+    cli_main(["export", str(ckpt), str(tmp_path / "b")])
+    assert "exported" in capsys.readouterr().out
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["export", str(ckpt), str(tmp_path / "b")])
+    assert exit_info.value.code == 2 and "is not empty" in capsys.readouterr().err
+    cli_main(["export", str(ckpt), str(tmp_path / "b"), "--raw", "--overwrite"])
+    with pytest.raises(SystemExit):
+        cli_main(["export", str(tmp_path / "missing.ckpt"), str(tmp_path / "c")])
+    assert "checkpoint file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["export", str(ckpt), str(tmp_path / "d"), "--ema", "--raw"])  # one or the other
+
+
+def test_a_cli_run_exports_with_its_config_and_val_top1(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the quickstart config logs to ./runs
+    overrides = [
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+    ]
+    cli_main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), *overrides])
+    (ckpt,) = (tmp_path / "runs" / "quickstart").glob("version_*/checkpoints/last.ckpt")
+    cli_main(["export", str(ckpt), "exported"])
+    out = tmp_path / "exported"
+    assert (out / "config.yaml").read_text() == (ckpt.parent.parent / "config.yaml").read_text()
+    metrics = (ckpt.parent.parent / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    val = [row.split(",")[header.index("val_acc1")] for row in metrics[1:]]
+    (top1,) = [float(v) for v in val if v]
+    card = (out / "README.md").read_text()
+    assert f"validation top-1 at that epoch: {top1:.4f}" in card
+    assert "masksub fit --config config.yaml" in card
+    assert "masksub_lightning.data.DigitsDataModule" in card
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert model.num_classes == 10 and model.embed_dim == 96
