@@ -30,27 +30,40 @@ _LAZY = {
     "MAEModule": "masksub_lightning.pretraining",
     "LUTModule": "masksub_lightning.pretraining",
     "export_encoder": "masksub_lightning.pretraining",
+    "BranchGradients": "masksub_lightning.callbacks",
+    "MaskedInputLoss": "masksub_lightning.callbacks",
+    "SubBranchPictures": "masksub_lightning.callbacks",
+    "export_checkpoint": "masksub_lightning.export",
+    "plot_runs": "masksub_lightning.plot",
 }
 
 __all__ = [
     "SUB_BRANCHES",
     "AlwaysLastCheckpoint",
     "AtomicCheckpointIO",
+    "BranchGradients",
     "LUTModule",
     "MAEModule",
     "MaskSubLoss",
     "MaskSubModule",
+    "MaskedInputLoss",
     "SubBranch",
+    "SubBranchPictures",
     "UnsupportedModelError",
     "build_sub_branch",
+    "export_checkpoint",
     "export_encoder",
+    "plot_runs",
     "register_sub_branch",
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
+    from masksub_lightning.callbacks import BranchGradients, MaskedInputLoss, SubBranchPictures
     from masksub_lightning.checkpointing import AlwaysLastCheckpoint, AtomicCheckpointIO
+    from masksub_lightning.export import export_checkpoint
     from masksub_lightning.losses import MaskSubLoss
     from masksub_lightning.module import MaskSubModule
+    from masksub_lightning.plot import plot_runs
     from masksub_lightning.pretraining import LUTModule, MAEModule, export_encoder
     from masksub_lightning.subbranch import (
         SUB_BRANCHES,
