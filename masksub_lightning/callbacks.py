@@ -271,12 +271,15 @@ def _fork_rng(device: torch.device) -> contextlib.AbstractContextManager:
 class MaskedInputLoss(Callback):
     """Loss and top-1 on a fixed held-out batch under the sub-branch's perturbation, against the true labels.
 
-    At the end of every ``every_n_epochs``-th training epoch the network runs on the same held-out images twice:
-    clean, and perturbed the way the sub-branch perturbs them (with the same masks every time: the draws come from
-    a generator seeded with ``seed``, forked from the training streams so training is unaffected). BatchNorm
-    statistics and the recipe's own dropout / drop-path stay in evaluation mode. Logged and kept in
-    :attr:`history`: ``masked_input_loss``, ``masked_input_acc1``, ``clean_input_loss``, ``clean_input_acc1``
-    (cross-entropy against the hard labels).
+    At the end of every ``every_n_epochs``-th training epoch the network runs on the same held-out images perturbed
+    the way the sub-branch perturbs them (with the same masks every time: the draws come from the seed ``seed``,
+    in a fork of the random streams, so training is unaffected), and with ``clean=True`` also on the images as they
+    are. BatchNorm statistics and the recipe's own dropout / drop-path stay in evaluation mode. Logged and kept in
+    :attr:`history`: ``masked_input_loss``, ``masked_input_acc1`` (and ``clean_input_loss``, ``clean_input_acc1``):
+    cross-entropy and top-1 against the hard labels.
+
+    Cost: one forward pass of ``num_samples`` images per epoch (two with ``clean``); on the digits quickstart (22
+    steps per epoch) about 1.5% of the run at the defaults, negligible on epochs of hundreds of steps.
 
     For ``sub_branch: none`` (the baseline), or with ``kind`` given, a sub-branch of that kind is built for the
     model, set up before the evaluation and torn down after it, so MaskSub and baseline runs are measured alike.
@@ -289,6 +292,7 @@ class MaskedInputLoss(Callback):
         every_n_epochs: measure at the end of every n-th epoch.
         seed: seed of the perturbation's random draws.
         batch: optional ``(images, labels)`` to use instead of the validation loader.
+        clean: also evaluate the unperturbed images (the reference on the same batch; doubles the cost).
     """
 
     def __init__(
@@ -299,6 +303,7 @@ class MaskedInputLoss(Callback):
         every_n_epochs: int = 1,
         seed: int = 0,
         batch: tuple[Tensor, Tensor] | None = None,
+        clean: bool = False,
     ) -> None:
         _check_positive_int("num_samples", num_samples)
         _check_positive_int("every_n_epochs", every_n_epochs)
@@ -308,7 +313,7 @@ class MaskedInputLoss(Callback):
             raise ValueError("kind='none' has no perturbation; use None (the module's own) or a kind name")
         self.kind, self.ratio = kind, ratio
         self.num_samples, self.every_n_epochs, self.seed = num_samples, every_n_epochs, seed
-        self._given = batch
+        self._given, self.clean = batch, clean
         self._batch: tuple[Tensor, Tensor] | None = None
         self.history: list[dict[str, float]] = []
 
@@ -359,7 +364,7 @@ class MaskedInputLoss(Callback):
 
     @torch.no_grad()
     def evaluate(self, pl_module: L.LightningModule) -> dict[str, float]:
-        """Clean and perturbed loss / top-1 on the held-out batch, now."""
+        """Perturbed (and with ``clean``, clean) loss / top-1 on the held-out batch, now."""
         images, labels = self.held_out_batch(pl_module)
         model = pl_module.model
         images = pl_module._to_memory_format(images) if hasattr(pl_module, "_to_memory_format") else images
@@ -376,7 +381,8 @@ class MaskedInputLoss(Callback):
         with _modes_restored(model), _fork_rng(images.device):
             # Evaluation mode: BatchNorm statistics frozen, the recipe's own dropout / drop-path off.
             model.eval()
-            row.update(_scores("clean_input", model(images), labels))
+            if self.clean:
+                row.update(_scores("clean_input", model(images), labels))
             if install:
                 branch.setup(model)
             try:

@@ -119,7 +119,7 @@ def test_callbacks_leave_training_bitwise_unchanged(build, tmp_path):
 def test_masked_input_loss_matches_a_direct_evaluation():
     module = resnet()  # pixel mask: the mask the evaluation used is the sub-branch's last_mask
     images, labels = make_images(16, 4, seed=3)
-    callback = MaskedInputLoss(batch=(images, labels), num_samples=12)
+    callback = MaskedInputLoss(batch=(images, labels), num_samples=12, clean=True)
     quiet_trainer(max_epochs=1, callbacks=[callback], limit_train_batches=2).fit(module, make_loader(n=32))
     (row,) = callback.history
     mask = module.sub_branch.last_mask
@@ -140,7 +140,7 @@ def test_masked_input_loss_matches_a_direct_evaluation():
 
 def test_masked_input_loss_of_a_baseline_masks_tokens_for_the_evaluation_only():
     module = vit("none")
-    callback = MaskedInputLoss(num_samples=16)
+    callback = MaskedInputLoss(num_samples=16, clean=True)
     quiet_trainer(max_epochs=1, callbacks=[callback], limit_train_batches=2).fit(
         module, make_loader(n=32), make_loader(n=16, seed=1)
     )
