@@ -44,6 +44,7 @@ SUBCOMMANDS = {
     "test": "evaluate a checkpoint on the test split",
     "predict": "class probabilities of a checkpoint on the prediction split",
     "recipes": "list the training recipes under configs/ and the paper's top-1 each one targets",
+    "data": "prepare data: 'masksub data optimize' writes a dataset as streaming shards (litdata)",
     "plot": "PNG figures from the metrics.csv of one or more runs, overlaid (needs matplotlib)",
     "export": "a checkpoint's network as a timm model folder (config.json, model.safetensors, README.md)",
 }
@@ -103,6 +104,11 @@ def main(args: list[str] | None = None) -> None:
 
         recipes_main(argv[1:])
         return
+    if first == "data":
+        from masksub_lightning.data.streaming import main as data_main
+
+        data_main(argv[1:])
+        return
     if first in ("plot", "export"):  # no Lightning CLI: masksub_lightning.plot / .export parse their own options
         importlib.import_module(f"masksub_lightning.{first}").main(argv[1:])
         return
@@ -141,12 +147,15 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> Any:
     Raises:
         ConfigError: a mistake found before the first batch (see the module docstring); the message is one line.
     """
+    from lightning.pytorch import LightningModule
+
+    # Imported so that short class names (`--model MaskSubModule`, `LUTModule`) resolve among the subclasses.
+    from masksub_lightning import module, pretraining  # noqa: F401
     from masksub_lightning.data import ImageClassificationDataModule
-    from masksub_lightning.module import MaskSubModule
 
     try:
         return _cli_class()(
-            MaskSubModule,
+            LightningModule,  # any LightningModule by class_path: MaskSubModule, MAEModule / LUTModule, your own
             ImageClassificationDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,

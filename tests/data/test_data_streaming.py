@@ -1,0 +1,146 @@
+"""litdata shards: same samples as the folder version, DDP sharding, exact resume, clear errors on bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fake_data import SMALL, decode_labels, write_cifar10, write_image_folder
+
+pytest.importorskip("litdata")
+
+from masksub_lightning.cli import main as cli_main
+from masksub_lightning.data import CIFAR10DataModule, ImageFolderDataModule
+from masksub_lightning.data.datasets import seeded_rng
+from masksub_lightning.data.streaming import (
+    SHARD_FORMAT,
+    StreamingDataModule,
+    _meta_item,
+    join,
+    optimize_shards,
+)
+
+CLASSES = tuple(f"c{i:02d}" for i in range(12))
+# Repeated augmentation and a textured image: crops, flips and colour draws must all line up.
+AUG = dict(SMALL, batch_size=4, repeated_aug=2, auto_augment="3a", color_jitter=0.3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """An ImageFolder of 12 classes x 2 textured train images (jpg / png / JPEG), and its shards."""
+    tmp = tmp_path_factory.mktemp("stream")
+    meta = write_image_folder(tmp / "folder", classes=CLASSES, n_train=2, n_val=1, noise=12)
+    out = tmp / "shards"
+    cli_main(
+        ["data", "optimize", "--dataset", "imagefolder", "--root", str(tmp / "folder"), "--out", str(out)]
+    )
+    return SimpleNamespace(folder=str(tmp / "folder"), out=str(out), meta=meta, tmp=tmp)
+
+
+def _batches(dm, world=1, rank=0, limit=None, state=None):
+    dm.trainer = SimpleNamespace(training=True, world_size=world, global_rank=rank)
+    loader = dm.train_dataloader()
+    if state is not None:
+        loader.load_state_dict(state)
+    out = []
+    for images, targets in loader:
+        out.append((images, targets))
+        if limit is not None and len(out) == limit:
+            return out, loader.state_dict()
+    return out, None
+
+
+def test_shards_give_the_folder_batches(shards):
+    folder = ImageFolderDataModule(root=shards.folder, **AUG)
+    stream = StreamingDataModule(root=shards.out, dataset="imagefolder", **AUG)
+    assert stream.class_names == list(CLASSES) and stream.meta["splits"] == {"train": 24, "val": 12}
+    a, _ = _batches(folder)
+    b, _ = _batches(stream)
+    assert len(a) == len(b) == 24 // 4
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    val_f = [y for _, y in folder.get_dataset("val")]
+    val_s = [y for _, y in stream.get_dataset("val")]
+    assert val_f == val_s == shards.meta["labels"]["val"]
+
+
+def test_two_ranks_see_every_sample_once(shards, tmp_path):
+    # One image per class: the decoded colour identifies the sample.
+    write_image_folder(tmp_path / "one", classes=CLASSES, n_train=1, n_val=1)
+    optimize_shards(ImageFolderDataModule(root=str(tmp_path / "one")), str(tmp_path / "s"), num_workers=2)
+    seen = []
+    for rank in range(2):
+        dm = StreamingDataModule(root=str(tmp_path / "s"), **dict(SMALL, batch_size=3))
+        batches, _ = _batches(dm, world=2, rank=rank)
+        for images, targets in batches:
+            assert torch.equal(decode_labels(images, dm.mean, dm.std), targets)
+            seen += targets.tolist()
+    assert sorted(seen) == list(range(len(CLASSES)))
+
+
+def test_resume_continues_the_epoch(shards):
+    full, _ = _batches(StreamingDataModule(root=shards.out, **AUG))
+    first, state = _batches(StreamingDataModule(root=shards.out, **AUG), limit=2)
+    rest, _ = _batches(StreamingDataModule(root=shards.out, **AUG), state=copy.deepcopy(state))
+    assert len(first) + len(rest) == len(full)
+    for (xa, ya), (xb, yb) in zip(full, first + rest):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def test_in_memory_dataset_becomes_png_shards(tmp_path):
+    write_cifar10(tmp_path / "cifar")
+    cifar = CIFAR10DataModule(root=str(tmp_path / "cifar"), **SMALL)
+    optimize_shards(cifar, str(tmp_path / "s"), splits=["train", "test"], num_workers=1)
+    stream = StreamingDataModule(root=str(tmp_path / "s"), dataset="cifar10", **SMALL)
+    plain, shard = cifar.get_dataset("train"), stream.get_dataset("train")
+    assert len(plain) == len(shard)
+    for i in range(len(plain)):
+        with seeded_rng(i):
+            a = plain[i]
+        with seeded_rng(i):
+            b = shard[i]
+        assert a[1] == b[1] and torch.equal(a[0], b[0])  # lossless PNG: the same pixels
+    assert stream.shard_split("test") == "test"
+    with pytest.raises(ValueError, match=r"no 'val' shards .*written: train, test"):
+        stream.shard_split("val")
+
+
+def test_bad_inputs_fail_at_construction_with_one_line(shards, tmp_path):
+    with pytest.raises(ValueError, match=r"written from ImageFolderDataModule") as e:
+        StreamingDataModule(root=shards.out, dataset="imagenet")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"cannot read the shard metadata") as e:
+        StreamingDataModule(root="local:" + str(tmp_path / "nowhere"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"cannot read the shard metadata"):
+        StreamingDataModule(root=str(tmp_path / "nowhere"))
+    # Metadata of another format version.
+    import litdata
+
+    previous = multiprocessing.get_start_method(allow_none=True)
+    meta = {"format": SHARD_FORMAT, "version": 999, "dataset": "X", "class_names": ["a"], "splits": {}}
+    litdata.optimize(
+        fn=_meta_item,
+        inputs=[json.dumps(meta)],
+        output_dir=join(str(tmp_path / "old"), "meta"),
+        num_workers=1,
+        chunk_bytes="1MB",
+        start_method="fork",  # spawn would re-import torch in the writer (seconds)
+        verbose=False,
+    )
+    multiprocessing.set_start_method(previous, force=True)  # litdata sets it globally
+    with pytest.raises(ValueError, match=r"format version 999.*re-run `masksub data optimize`"):
+        StreamingDataModule(root=str(tmp_path / "old"))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(
+            ["data", "optimize", "--dataset", "nope", "--root", str(tmp_path), "--out", str(tmp_path / "o")]
+        )
+    assert e.value.code == 2
+    assert "--dataset 'nope' is unknown" in capsys.readouterr().err
