@@ -13,7 +13,7 @@ module reads (tests/test_recipes.py checks it against the resolved config, so it
     #   epochs: 20                               == trainer.max_epochs
     #   sub_branch: mask                         == model.init_args.sub_branch ("none": the baseline arm)
     #   global_batch: 512                        == batch_size x devices x num_nodes x grad_accumulation
-    #   top1: {masksub: 84.1, baseline: 83.5}    the paper's ImageNet top-1 of both arms, or null
+    #   top1: {masksub: 84.1, baseline: 83.5}    the paper's ImageNet top-1 of both arms (one may be null), or null
     #   paper: docs/method.md headline results, ...   where top1 comes from (or why there is none)
     #   source: docs/method.md "DeiT-III fine-tune at 224" ...   where the hyperparameters come from
     #   twin: deit3/vit_base_400ep_ft224_baseline.yaml      the other arm (same run, other sub-branch)
@@ -66,7 +66,7 @@ class Recipe:
     epochs: int
     sub_branch: str
     global_batch: int
-    top1: dict[str, float] | None
+    top1: dict[str, float | None] | None
     paper: str
     source: str
     twin: str
@@ -156,9 +156,13 @@ def load_recipe(path: str | Path, configs_dir: str | Path) -> Recipe:
         if not isinstance(top1, dict) or set(top1) != set(_ARMS):
             raise fail(f"top1 must be null or {{masksub: <top-1>, baseline: <top-1>}}, got {top1!r}")
         for arm, value in top1.items():
+            if value is None:  # the paper reports only the other arm (e.g. LUT's fine-tune, without MaskSub)
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
                 raise fail(f"top1.{arm} must be a top-1 accuracy in percent, got {value!r}")
-        top1 = {arm: float(top1[arm]) for arm in _ARMS}
+        if all(top1[arm] is None for arm in _ARMS):
+            raise fail("top1 with no number: write top1: null")
+        top1 = {arm: None if top1[arm] is None else float(top1[arm]) for arm in _ARMS}
     for key in _OPTIONAL:
         if header.get(key) is not None and not isinstance(header[key], str):
             raise fail(f"{key} must be a path under configs/ or null, got {header[key]!r}")
