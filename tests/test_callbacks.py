@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -250,3 +254,22 @@ def test_bad_arguments_are_refused_at_construction():
         MaskedInputLoss(kind="none")
     with pytest.raises(ValueError, match="mask_color"):
         SubBranchPictures(mask_color=(2, 0, 0))
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_smoke_run_reports_its_figures():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/callback_overhead.py", "--smoke"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(done.stdout.strip().splitlines()[-1])
+    assert payload["benchmark"] == "callback_overhead"
+    (step,) = payload["steps"]
+    assert step["pairs"] == 4 and step["step_s"] > 0 and step["ratio_default"] > 0
+    assert 0 < payload["digits"]["hooks_fraction"] < 1
