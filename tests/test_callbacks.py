@@ -273,3 +273,24 @@ def test_overhead_benchmark_smoke_run_reports_its_figures():
     (step,) = payload["steps"]
     assert step["pairs"] == 4 and step["step_s"] > 0 and step["ratio_default"] > 0
     assert 0 < payload["digits"]["hooks_fraction"] < 1
+
+
+def test_callbacks_are_configured_from_yaml(tmp_path):
+    from masksub_lightning.cli import build_cli
+
+    config = tmp_path / "callbacks.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: masksub_lightning.callbacks.BranchGradients\n"
+        "      init_args: {every_n_steps: 7}\n"
+        "    - class_path: masksub_lightning.callbacks.MaskedInputLoss\n"
+        "      init_args: {num_samples: 32, clean: true}\n"
+        "    - class_path: masksub_lightning.callbacks.SubBranchPictures\n"
+    )
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    cli = build_cli(["--config", str(quickstart), "--config", str(config)], run=False)
+    found = {type(c).__name__: c for c in cli.trainer.callbacks}
+    assert found["BranchGradients"].every_n_steps == 7
+    assert found["MaskedInputLoss"].num_samples == 32 and found["MaskedInputLoss"].clean
+    assert "SubBranchPictures" in found
