@@ -183,7 +183,11 @@ class BranchGradients(Callback):
                 values["branch_grad_cosine"] = cosine
         else:
             values["branch_grad_norm_main"] = values["branch_grad_norm_total"]
-        row = {k: float(v) for k, v in values.items()}  # one host sync, on measured steps only
+        device = params[0].device if params else torch.device("cpu")
+        stacked = torch.stack(
+            [torch.as_tensor(v, device=device).float().reshape(()) for v in values.values()]
+        )
+        row = dict(zip(values, stacked.tolist()))  # one host sync, on measured steps only
         step = _log_step(trainer)
         self.history.append({"step": step, "global_step": trainer.global_step, **row})
         _to_loggers(trainer, row, step)
