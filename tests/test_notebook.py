@@ -62,8 +62,8 @@ def build_notebook(source: str) -> nbformat.NotebookNode:
     return nb
 
 
-def write_notebook(path: Path = NOTEBOOK) -> None:
-    nb = build_notebook(SOURCE.read_text())
+def write_notebook(path: Path = NOTEBOOK, source: Path = SOURCE) -> None:
+    nb = build_notebook(source.read_text())
     nbformat.validate(nb)
     path.write_text(nbformat.writes(nb) + "\n")
 
@@ -144,6 +144,70 @@ def test_notebook_runs_and_reports_both_runs(tmp_path, monkeypatch):
     assert all(len(o.data["image/png"]) > 1000 for o in images)
 
 
+# ------------------------------------------------------------------ the other notebooks (same format, tiny runs)
+#: Notebooks besides the quickstart: name -> what their executed text must show (regexes).
+OTHER_NOTEBOOKS = {
+    "custom_subbranch": [
+        r"^timm ViT with the 'square' sub-branch: SquareSubBranch\(ratio=0\.25\), val_acc1=(0\.\d+|1\.0+)$",
+        r"^torchvision ResNet-18 with the 'square' sub-branch: val_acc1=(0\.\d+|1\.0+)$",
+        r"^hidden fraction 0\.25$",
+    ],
+    "analysis": [
+        *(
+            rf"^final val_acc1 {arm} mean=0\.\d+ std=0\.\d+ n=2$"
+            for arm in ("baseline", "MaskSub_r=0.25", "MaskSub_r=0.5", "MaskSub_r=0.75")
+        ),
+        r"^sub/main gradient ratio: first quarter \d+\.\d+, last quarter \d+\.\d+$",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_NOTEBOOKS))
+def test_other_notebook_matches_its_source_and_has_no_outputs(name):
+    source, notebook = ROOT / "notebooks" / f"{name}.py", ROOT / "notebooks" / f"{name}.ipynb"
+    on_disk = nbformat.read(notebook, as_version=4)
+    nbformat.validate(on_disk)
+    want = [(c.cell_type, c.source) for c in build_notebook(source.read_text()).cells]
+    assert [(c.cell_type, c.source) for c in on_disk.cells] == want, (
+        f"{notebook.name} is out of sync with {source.name}: run `python tests/test_notebook.py` to regenerate it"
+    )
+    assert all(c.outputs == [] for c in on_disk.cells if c.cell_type == "code"), (
+        "clear the notebook's outputs"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(OTHER_NOTEBOOKS))
+def test_other_notebook_runs_at_a_tiny_size(name, tmp_path, monkeypatch):
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    for var, value in (("EPOCHS", "1"), ("SEEDS", "2"), ("LIMIT_BATCHES", "3")):
+        monkeypatch.setenv(f"MASKSUB_NOTEBOOK_{var}", value)
+    monkeypatch.setenv("MASKSUB_FIGURES_DIR", str(tmp_path / "figures"))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    text = _text_outputs(nb)
+    for pattern in OTHER_NOTEBOOKS[name]:
+        assert re.search(pattern, text, re.M), f"{pattern!r} not in:\n{text}"
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= (3 if name == "analysis" else 1)
+    if name == "analysis":
+        written = sorted(p.name for p in (tmp_path / "figures").iterdir())
+        assert written == [
+            "analysis_difficulty_control.png",
+            "analysis_losses.png",
+            "analysis_mask_ratio.png",
+        ]
+
+
 if __name__ == "__main__":
     write_notebook()
     print(f"wrote {NOTEBOOK.relative_to(ROOT)} from {SOURCE.relative_to(ROOT)}", file=sys.stderr)
+    for other in OTHER_NOTEBOOKS:
+        source = ROOT / "notebooks" / f"{other}.py"
+        write_notebook(ROOT / "notebooks" / f"{other}.ipynb", source)
+        print(f"wrote notebooks/{other}.ipynb from notebooks/{other}.py", file=sys.stderr)
