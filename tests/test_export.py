@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHRUNK = {**TINY_VIT, "depth": 1, "embed_dim": 24, "num_heads": 3}
 
 
-def train(tmp_path, module, callbacks=(), datamodule=None, epochs=1):
+def train(tmp_path, module, callbacks=(), datamodule=None, epochs=1, loader_size=32):
     """A short fit with a CSV logger and a checkpoint per epoch; returns the last checkpoint's path."""
     logger = CSVLogger(tmp_path, name="run")
     checkpoint = ModelCheckpoint(dirpath=None, save_top_k=-1)
@@ -36,7 +36,8 @@ def train(tmp_path, module, callbacks=(), datamodule=None, epochs=1):
     if datamodule is not None:
         trainer.fit(module, datamodule=datamodule)
     else:
-        trainer.fit(module, make_loader(n=48, shuffle=True), make_loader(n=16, seed=1))
+        train_loader = make_loader(n=48, size=loader_size, shuffle=True)
+        trainer.fit(module, train_loader, make_loader(n=16, size=loader_size, seed=1))
     return Path(checkpoint.best_model_path or checkpoint.last_model_path)
 
 
@@ -145,3 +146,20 @@ def test_a_cli_run_exports_with_its_config_and_val_top1(tmp_path, monkeypatch, c
     assert "masksub_lightning.data.DigitsDataModule" in card
     model = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert model.num_classes == 10 and model.embed_dim == 96
+
+
+def test_swin_mask_token_stays_out_of_the_export(tmp_path):
+    swin_kwargs = dict(img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4)
+    module = MaskSubModule(
+        "swin_tiny_patch4_window7_224", 4, model_kwargs=swin_kwargs, sub_branch="mask_token"
+    )
+    ckpt = train(tmp_path, module, datamodule=None, loader_size=64)
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert "model.patch_embed.masksub_mask_token" in stored  # trained, in the checkpoint ...
+    out = export_checkpoint(ckpt, tmp_path / "export")
+    rebuilt = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # ... but not in the timm model
+    assert not hasattr(rebuilt.patch_embed, "masksub_mask_token")
+    assert json.loads((out / "config.json").read_text())["model_args"]["depths"] == [1, 1]
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), module_from(ckpt)(images))
