@@ -81,7 +81,7 @@ def pretrain(root: Path, seed: int, epochs: int) -> tuple[Path, list[dict]]:
     return root / "encoder.pth", losses.history
 
 
-def finetune(root: Path, seed: int, epochs: int, weights: Path | None) -> float:
+def finetune(root: Path, seed: int, epochs: int, weights: Path | None, lr: float = 1e-3) -> float:
     L.seed_everything(seed, verbose=False)
     module = MaskSubModule(
         model="vit_small_patch16_224",
@@ -91,7 +91,7 @@ def finetune(root: Path, seed: int, epochs: int, weights: Path | None) -> float:
         pretrained_weights=None if weights is None else str(weights),
         sub_branch="mask",
         sub_ratio=0.5,
-        lr=1e-3,
+        lr=lr,
         layer_decay=0.75,
         warmup_epochs=1,
         weight_decay=0.05,
@@ -108,6 +108,10 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="keep each seed's encoder.pth here and reuse it when present"
+    )
+    parser.add_argument("--finetune-lr", type=float, default=1e-3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -115,9 +119,15 @@ def main() -> None:
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            encoder, history = pretrain(root / "pretrain", seed, args.pretrain_epochs)
-            from_lut = finetune(root / "ft_lut", seed, args.finetune_epochs, encoder)
-            scratch = finetune(root / "ft_scratch", seed, args.finetune_epochs, None)
+            kept = args.keep / f"seed{seed}_{args.pretrain_epochs}ep" if args.keep else None
+            if kept is not None and (kept / "encoder.pth").is_file():
+                encoder, history = kept / "encoder.pth", json.loads((kept / "history.json").read_text())
+            else:
+                encoder, history = pretrain(kept or root / "pretrain", seed, args.pretrain_epochs)
+                if kept is not None:
+                    (kept / "history.json").write_text(json.dumps(history))
+            from_lut = finetune(root / "ft_lut", seed, args.finetune_epochs, encoder, args.finetune_lr)
+            scratch = finetune(root / "ft_scratch", seed, args.finetune_epochs, None, args.finetune_lr)
         row = {"seed": seed, "pretrain_first": history[0], "pretrain_last": history[-1]}
         row.update(finetune_from_lut=round(from_lut, 4), finetune_from_scratch=round(scratch, 4))
         rows.append(row)

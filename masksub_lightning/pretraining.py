@@ -394,7 +394,18 @@ class MAEModule(L.LightningModule):
             raise ValueError(
                 f"model={name!r} is not a timm model name; use a ViT such as 'vit_base_patch16_224'"
             )
-        encoder = timm.create_model(name, num_classes=0, **kwargs)
+        failure = None
+        try:
+            encoder = timm.create_model(name, num_classes=0, **kwargs)
+        except TypeError as err:  # e.g. ViT arguments (img_size, patch_size) given to a CNN
+            failure = str(err)
+        if (
+            failure is not None
+        ):  # raised outside the handler: the CLI shows the innermost error, i.e. this one
+            raise ValueError(
+                f"model={name!r} could not be built with model_kwargs={kwargs!r} ({failure}); MAE / LUT "
+                "pre-training needs a timm VisionTransformer (vit_*, deit_*, ...)"
+            )
         if not isinstance(encoder, VisionTransformer):
             raise ValueError(
                 f"model={name!r} builds a {type(encoder).__name__}; MAE / LUT pre-training needs a timm "
@@ -638,13 +649,13 @@ class LUTModule(MAEModule):
         proj_dim: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
         _check_number("momentum", momentum, 0.0, 1.0)
         _check_number("bc_weight", bc_weight, 0.0, math.inf)
         _check_number("mae_weight", mae_weight, 0.0, math.inf)
         for name, value in (("proj_hidden_dim", proj_hidden_dim), ("proj_dim", proj_dim)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        super().__init__(**kwargs)
         if 2 * self.num_keep > self.num_patches:
             raise ValueError(
                 f"mask_ratio={self.hparams.mask_ratio} keeps {self.num_keep} of {self.num_patches} patch tokens "

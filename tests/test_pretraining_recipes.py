@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_recipes import CPU_RUN, TINY_VIT, make_parser
 
-from masksub_lightning.cli import build_cli
+from masksub_lightning.cli import ConfigError, build_cli
 from masksub_lightning.recipes import find_recipes
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
@@ -220,3 +220,18 @@ def test_finetune_recipes_load_an_exported_lut_encoder(imagenet, tmp_path, finet
     for key in ("blocks.1.attn.qkv.weight", "patch_embed.proj.weight", "pos_embed", "cls_token"):
         assert torch.allclose(net[key], encoder[key], atol=1e-7), key
     assert ft.model.hparams.sub_branch == ("none" if "baseline" in finetune else "mask")
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--model.init_args.momentum=1.5", r"momentum must be a number in \[0.0, 1.0\], got 1.5"),
+        ("--model.init_args.mask_ratio=0.3", "LUT's two views need disjoint visible sets"),
+        ("--model.init_args.model=resnet18", "needs a timm VisionTransformer"),
+        ("--data.init_args.view_sizes=[32, 16]", "both LUT views must be img_size=32"),
+    ],
+)
+def test_a_bad_pretraining_config_is_one_line(imagenet, tmp_path, option, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        run([*tiny_args(CONFIGS / "pretrain/lut_vit_small_1600ep.yaml", imagenet, tmp_path), option])
+    assert "\n" not in str(err.value)
