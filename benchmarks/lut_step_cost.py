@@ -6,6 +6,7 @@ two unmasked no-grad teacher passes and the EMA update; the FLOP ratio says what
 
     python benchmarks/lut_step_cost.py                       # ViT-S/16 at 224 px, batch 8, CPU
     python benchmarks/lut_step_cost.py --model vit_base_patch16_224 --batch 4
+    python benchmarks/lut_step_cost.py --model vit_base_patch16_224 --batch 2 --flops-only   # FLOP ratio only
     python benchmarks/lut_step_cost.py --smoke               # tiny model, seconds (what a test would run)
 
 Each round times one MAE step and one LUT step back to back (order alternating), after warmup steps; the ratio
@@ -64,6 +65,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--proj-hidden", type=int, default=4096)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 rounds")
+    parser.add_argument(
+        "--flops-only", action="store_true", help="count FLOPs, time nothing (large models on CPU)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,6 +82,13 @@ def main() -> None:
     mae, mae_opt = build("mae", args, kwargs)
     lut, lut_opt = build("lut", args, kwargs)
     flop_ratio = flops(lut, two_views) / flops(mae, two_views[:, 0])
+    if args.flops_only:
+        print(
+            json.dumps(
+                {"benchmark": "lut_step_cost", "model": args.model, "flop_ratio": round(flop_ratio, 3)}
+            )
+        )
+        return
 
     def timed(module, opt, batch) -> float:
         start = time.perf_counter()

@@ -286,3 +286,39 @@ def test_non_vit_models_are_refused():
 def test_lut_refuses_single_view_batches():
     with pytest.raises(ValueError, match="two-view batches"):
         lut().compute_losses(torch.randn(2, 3, 32, 32))
+
+
+class _SaveState(Callback):
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_end(self, trainer, module):
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_lut_under_ddp_keeps_students_and_teachers_equal_across_ranks(tmp_path):
+    """Two CPU processes (gloo), different data per rank: the all-reduced student and its EMA stay identical."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    m = lut(lr=1e-2, lr_base_batch_size=None, warmup_epochs=0, export_on_fit_end=False)
+    start = {k: v.clone() for k, v in m.state_dict().items()}
+    trainer = quiet_trainer(
+        max_steps=2,
+        devices=2,
+        strategy=DDPStrategy(process_group_backend="gloo", start_method="spawn"),
+        callbacks=[_SaveState(tmp_path)],
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(m, two_view_loader(n=32))
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key in (
+        "model.blocks.0.attn.qkv.weight",
+        "decoder.pred.weight",
+        "teacher.model.blocks.1.mlp.fc1.weight",
+    ):
+        assert torch.equal(r0[key], r1[key]), key
+        assert not torch.equal(r0[key], start[key]), key
