@@ -32,7 +32,7 @@ from masksub_lightning import MaskSubModule, SubBranch, register_sub_branch
 from masksub_lightning.callbacks import SubBranchPictures
 from masksub_lightning.data import DigitsDataModule
 
-EPOCHS = int(os.environ.get("MASKSUB_NOTEBOOK_EPOCHS", "4"))
+EPOCHS = int(os.environ.get("MASKSUB_NOTEBOOK_EPOCHS", "8"))
 LIMIT_BATCHES = int(os.environ.get("MASKSUB_NOTEBOOK_LIMIT_BATCHES", "0")) or None  # the test's tiny size
 torch.set_num_threads(1)
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -100,7 +100,9 @@ class TemperatureMaskSub(MaskSubModule):
 # %%
 def fit(model, sub_branch="square", **kwargs):
     L.seed_everything(0, verbose=False)
-    module = TemperatureMaskSub(model, num_classes=10, sub_branch=sub_branch, sub_ratio=0.25, lr=2e-3, **kwargs)
+    module = TemperatureMaskSub(
+        model, num_classes=10, sub_branch=sub_branch, sub_ratio=0.25, lr=2e-3, warmup_epochs=1, **kwargs
+    )
     trainer = L.Trainer(
         max_epochs=EPOCHS,
         accelerator="cpu",
