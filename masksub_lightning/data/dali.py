@@ -67,9 +67,9 @@ def require_dali() -> Any:
         import nvidia.dali as dali
         import nvidia.dali.auto_aug.rand_augment  # noqa: F401  (RandAugment lives in a submodule)
     except ImportError:
-        raise ImportError(
-            f"DALIDataModule needs NVIDIA DALI, which is not installed: {INSTALL_HINT}"
-        ) from None
+        dali = None
+    if dali is None:  # raised outside the except block: the CLI reports this line, not a chained one
+        raise ImportError(f"DALIDataModule needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
     return dali
 
 

@@ -77,7 +77,9 @@ def require_litdata() -> Any:
     try:
         import litdata
     except ImportError:
-        raise ImportError(f"Streaming shards need litdata, which is not installed: {INSTALL_HINT}") from None
+        litdata = None
+    if litdata is None:  # raised outside the except block: the CLI reports this line, not a chained one
+        raise ImportError(f"Streaming shards need litdata, which is not installed: {INSTALL_HINT}")
     return litdata
 
 
@@ -228,16 +230,18 @@ def read_meta(root: str, cache_dir: str | None = None, max_cache_size: str = "10
         ValueError: ``root`` cannot be read, holds no masksub shards, or shards of another format version.
     """
     url = join(root, "meta")
+    reason = ""
     try:
         meta = json.loads(_open_streaming(url, cache_dir, max_cache_size)[0]["meta"])
     except ImportError:
         raise
     except Exception as e:  # litdata / botocore / obstore raise many kinds: say which root, and why
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if reason:  # raised outside the except block: no chained context for the CLI to report instead
         raise ValueError(
-            f"StreamingDataModule root={root!r}: cannot read the shard metadata at {url} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); expected the output of "
-            "`masksub data optimize --out <root>`"
-        ) from None
+            f"StreamingDataModule root={root!r}: cannot read the shard metadata at {url} ({reason}); expected "
+            "the output of `masksub data optimize --out <root>`"
+        )
     if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
         raise ValueError(f"StreamingDataModule root={root!r} does not hold masksub-lightning shards ({url})")
     if meta.get("version") != SHARD_VERSION:
