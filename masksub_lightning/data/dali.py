@@ -182,10 +182,13 @@ def build_train_pipeline(dm: DALIDataModule, batch_size: int, device_id: int | N
 
 
 def _to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
+    """Copy a dense DALI TensorList into a new torch tensor on ``device`` (DALI reuses its buffers next run)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
     tensor = tensor_list.as_tensor()
-    if device.type == "cpu":
-        return torch.from_numpy(np.array(tensor))
-    return torch.from_dlpack(tensor).clone()  # clone: DALI reuses its output buffers on the next run
+    out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    return feed_ndarray(tensor, out, cuda_stream=stream)
 
 
 class DALITrainLoader:

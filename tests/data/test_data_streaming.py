@@ -144,3 +144,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         )
     assert e.value.code == 2
     assert "--dataset 'nope' is unknown" in capsys.readouterr().err
+
+
+def test_url_root_reads_through_the_cache(shards, tmp_path):
+    # litdata's "local:" scheme treats a directory as remote storage: chunks are copied into cache_dir, as from s3.
+    cache = tmp_path / "cache"
+    url = StreamingDataModule(root="local:" + shards.out, cache_dir=str(cache), **AUG)
+    plain = StreamingDataModule(root=shards.out, **AUG)
+    a, _ = _batches(plain)
+    b, _ = _batches(url)
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    assert any(cache.rglob("*.bin"))  # the chunks really came through the download path
+
+
+def test_benchmark_times_every_installed_path():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "data_throughput.py"
+    spec = importlib.util.spec_from_file_location("data_throughput", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    paths = ["folder", "fast", "shards"] + (["dali"] if module.available("dali") is None else [])
+    rows = module.main(["--smoke", "--variants", "rsb-randaug", "--paths", *paths])
+    assert [r["path"] for r in rows] == paths
+    assert all(r["images"] == 48 and r["rate"] > 0 for r in rows)
