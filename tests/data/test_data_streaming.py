@@ -169,3 +169,21 @@ def test_benchmark_times_every_installed_path():
     rows = module.main(["--smoke", "--variants", "rsb-randaug", "--paths", *paths])
     assert [r["path"] for r in rows] == paths
     assert all(r["images"] == 48 and r["rate"] > 0 for r in rows)
+
+
+def test_fast_decode_reads_shards_like_files(tmp_path):
+    # 320x240 JPEGs and 32 px crops: the reduced (1/2 - 1/8) decode path, from bytes in a shard as from a file.
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        path = tmp_path / "big" / "train" / f"c{i % 2}" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(path, quality=90)
+    optimize_shards(ImageFolderDataModule(root=str(tmp_path / "big")), str(tmp_path / "s"), ["train"], 1)
+    kwargs = dict(AUG, auto_augment=None, fast_decode=True)
+    a, _ = _batches(ImageFolderDataModule(root=str(tmp_path / "big"), **kwargs))
+    b, _ = _batches(StreamingDataModule(root=str(tmp_path / "s"), **kwargs))
+    assert len(a) == len(b) == 2
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
