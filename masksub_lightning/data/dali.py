@@ -16,8 +16,9 @@ What the pipeline reproduces (``auto_augment`` / ``train_crop`` of the recipes):
 ================================  ==========  =====================================================================
 recipe op                         fidelity    DALI
 ================================  ==========  =====================================================================
-RandomResizedCrop (scale, ratio)  same        ``decoders.image_random_crop`` (ROI decode) + ``resize`` (antialias)
-                                  law         draws: DALI's generator and its own 10-attempt fallback
+RandomResizedCrop (scale, ratio)  close       ``decoders.image_random_crop`` (ROI decode) + ``resize`` (antialias):
+                                              the same area / aspect-ratio ranges, but DALI's own sampler (its
+                                              aspect-ratio law and 10-attempt fallback are not torchvision's)
 simple crop (DeiT-III)            approx.     resize short side + random square crop, without timm's 4 px reflect
                                               padding
 horizontal flip                   same law    ``crop_mirror_normalize(mirror=coin_flip)`` after the colour ops
