@@ -219,8 +219,18 @@ def _optimize(
 
 
 def _open_streaming(url: str, cache_dir: str | None, max_cache_size: str) -> Any:
+    """A litdata reader over all of ``url``'s items, whatever the process's rank.
+
+    litdata shards a StreamingDataset by rank when ``torch.distributed`` is initialised (``len()`` and the
+    iteration then cover this rank's chunks). Here the sampler does the sharding and reads by global position, so
+    the reader is told it is alone.
+    """
     litdata = require_litdata()
-    return litdata.StreamingDataset(url, cache_dir=cache_dir, max_cache_size=max_cache_size)
+    reader = litdata.StreamingDataset(url, cache_dir=cache_dir, max_cache_size=max_cache_size)
+    from litdata.utilities.env import _DistributedEnv
+
+    reader.distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
+    return reader
 
 
 def read_meta(root: str, cache_dir: str | None = None, max_cache_size: str = "100GB") -> dict[str, Any]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import multiprocessing
+from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from fake_data import SMALL, decode_labels, write_cifar10, write_image_folder
@@ -187,3 +189,50 @@ def test_fast_decode_reads_shards_like_files(tmp_path):
     b, _ = _batches(StreamingDataModule(root=str(tmp_path / "s"), **kwargs))
     assert len(a) == len(b) == 2
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+class _RecordLabels(L.LightningModule):
+    """Writes, per rank and epoch, the labels decoded from the colours of the images it trained on."""
+
+    def __init__(self, out: str, mean, std) -> None:
+        super().__init__()
+        self.out, self.mean, self.std = out, mean, std
+        self.layer = torch.nn.Linear(3, len(CLASSES))
+        self.seen: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        assert torch.equal(decode_labels(images, self.mean, self.std), targets)
+        self.seen += targets.tolist()
+        return torch.nn.functional.cross_entropy(self.layer(images.mean(dim=(2, 3))), targets)
+
+    def on_train_epoch_end(self) -> None:
+        path = Path(self.out) / f"rank{self.global_rank}_epoch{self.current_epoch}.json"
+        path.write_text(json.dumps(self.seen))
+        self.seen = []
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.slow
+def test_real_ddp_run_sees_every_shard_sample_once_per_epoch(tmp_path):
+    write_image_folder(tmp_path / "one", classes=CLASSES, n_train=1, n_val=1)
+    optimize_shards(ImageFolderDataModule(root=str(tmp_path / "one")), str(tmp_path / "s"), num_workers=1)
+    dm = StreamingDataModule(root=str(tmp_path / "s"), **dict(SMALL, batch_size=2, num_workers=1))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_RecordLabels(str(tmp_path), dm.mean, dm.std), datamodule=dm)
+    for epoch in (0, 1):
+        ranks = [json.loads((tmp_path / f"rank{r}_epoch{epoch}.json").read_text()) for r in (0, 1)]
+        assert len(ranks[0]) == len(ranks[1]) == len(CLASSES) // 2
+        assert sorted(ranks[0] + ranks[1]) == list(range(len(CLASSES)))
