@@ -131,3 +131,88 @@ def test_bad_requests_fail_at_construction(folder):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"dali_device='gpu' needs a CUDA GPU"):
             DALIDataModule(root=folder, dali_device="gpu")
+
+
+def test_lightning_fit_consumes_the_dali_loader(folder, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    import lightning as L
+
+    seen = []
+
+    class Record(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, len(CLASSES))
+
+        def training_step(self, batch, batch_idx):
+            images, targets = batch
+            seen.append((self.current_epoch, targets.tolist()))
+            return torch.nn.functional.cross_entropy(self.layer(images.mean(dim=(2, 3))), targets)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    dm = _dm(folder, repeated_aug=2, seed=7)
+    dm.trainer = None
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Record(), datamodule=dm)
+    per_epoch = [[t for e, ts in seen if e == epoch for t in ts] for epoch in (0, 1)]
+    assert [len(p) for p in per_epoch] == [24, 24]
+    assert per_epoch[0] != per_epoch[1]  # set_epoch reached the sampler: a new order each epoch
+
+
+@pytest.mark.parametrize("stop", [4, 6], ids=["mid_epoch", "epoch_end"])
+def test_lightning_resume_continues_the_sample_order(folder, tmp_path, stop):
+    pytest.importorskip("nvidia.dali")
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Record(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, len(CLASSES))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            images, targets = batch
+            self.seen.append((self.current_epoch, targets.tolist()))
+            return torch.nn.functional.cross_entropy(self.layer(images.mean(dim=(2, 3))), targets)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def data():
+        dm = _dm(folder, repeated_aug=3, seed=11)
+        dm.trainer = None
+        return dm
+
+    def trainer(root, **kwargs):
+        return L.Trainer(
+            accelerator="cpu",
+            max_epochs=2,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
+            **kwargs,
+        )
+
+    reference = Record()
+    trainer(tmp_path / "ref", enable_checkpointing=False).fit(reference, datamodule=data())
+    assert len(reference.seen) == 12
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop, save_top_k=-1)
+    trainer(tmp_path / "run", callbacks=[ckpt], max_steps=stop).fit(Record(), datamodule=data())
+    resumed = Record()
+    path = next((tmp_path / "ckpt").glob(f"*step={stop}.ckpt"))
+    trainer(tmp_path / "resume").fit(resumed, datamodule=data(), ckpt_path=path)
+    assert resumed.seen == reference.seen[stop:]
