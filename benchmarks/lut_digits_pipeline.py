@@ -139,7 +139,7 @@ def main() -> None:
             {
                 "benchmark": "lut_digits_pipeline",
                 "device": "cpu",
-                "args": vars(args),
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "rows": rows,
                 "mean_from_lut": round(sum(lut) / len(lut), 4),
                 "mean_from_scratch": round(sum(scratch) / len(scratch), 4),
