@@ -242,23 +242,29 @@ def test_resume_with_conflicting_model_options_names_each_one(trained_run, capsy
     assert not (folder / "runs" / "quickstart" / "version_1").exists()  # stopped before any run folder
 
 
-def test_resume_without_conflicts_continues_the_run(trained_run, capsys):
-    folder, last = trained_run
-    with _cwd(folder):
+def test_resume_without_conflicts_continues_the_run(trained_run, tmp_path, capsys):
+    # A 2-epoch run keeping every epoch's checkpoint; resumed from the first one with the same settings (another
+    # max_epochs would change the LR schedule's length, which is refused: tests/test_schedule_resume.py).
+    two_epochs = [*FAST, "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"]
+    keep_all = ["--checkpoint.save_top_k=-1", "--checkpoint.filename=e{epoch}"]
+    with _cwd(tmp_path):
+        main(["fit", "--config", str(QUICKSTART), *two_epochs, *keep_all])
+    first_epoch = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "e0.ckpt"
+    assert torch.load(first_epoch, weights_only=True)["global_step"] == 3
+    with _cwd(tmp_path):
         main(
             [
                 "fit",
                 "--config",
                 str(QUICKSTART),
                 "--ckpt_path",
-                str(last),
-                *FAST,
-                "--trainer.max_epochs=2",
-                "--trainer.enable_progress_bar=false",
+                str(first_epoch),
+                *two_epochs,
                 "--model.init_args.channels_last=true",  # allowed to change: how it runs, not what it trains
             ]
         )
-    run_dir = folder / "runs" / "quickstart" / "version_1"
+    folder, last = trained_run
+    run_dir = tmp_path / "runs" / "quickstart" / "version_1"
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 6 and resumed["epoch"] == 1  # epoch 1 only: 3 more steps
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["init_args"]
