@@ -109,7 +109,10 @@ def main(args: list[str] | None = None) -> None:
 
         data_main(argv[1:])
         return
-    if first in ("plot", "export"):  # no Lightning CLI: masksub_lightning.plot / .export parse their own options
+    if first in (
+        "plot",
+        "export",
+    ):  # no Lightning CLI: masksub_lightning.plot / .export parse their own options
         importlib.import_module(f"masksub_lightning.{first}").main(argv[1:])
         return
     if not first.startswith("-") and first not in SUBCOMMANDS:

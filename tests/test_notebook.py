@@ -154,12 +154,23 @@ OTHER_NOTEBOOKS = {
     ],
     "analysis": [
         *(
-            rf"^final val_acc1 {arm} mean=0\.\d+ std=0\.\d+ n=2$"
+            rf"^final val_acc1 {arm} mean=0\.\d+ std=0\.\d+ n=\d+$"
             for arm in ("baseline", "MaskSub_r=0.25", "MaskSub_r=0.5", "MaskSub_r=0.75")
         ),
         r"^sub/main gradient ratio: first quarter \d+\.\d+, last quarter \d+\.\d+$",
     ],
+    "finetune": [
+        r"^wrote 1437 train and 360 val PNG files under ",
+        r"^loaded pretrained weights from .*upstream\.safetensors: Loaded 54/56 model tensors",
+        r"^sub_branch='mask': \d+ epochs in \d+ s, final val_acc1=(0\.\d+|1\.0+)$",
+        r"^sub_branch='none': \d+ epochs in \d+ s, final val_acc1=(0\.\d+|1\.0+)$",
+        r"^\['README\.md', 'config\.json', 'model\.safetensors'\]$",
+        r"^reloaded: VisionTransformer, num_classes=10, \(3, 32, 32\)$",
+        r"^max \|logit difference\| on 360 val images: 0$",
+    ],
 }
+#: The environment of the tiny runs: each notebook takes a few seconds (EPOCHS / SEEDS / ... parameter cells).
+TINY = {"EPOCHS": "1", "SEEDS": "2", "LIMIT_BATCHES": "3", "PRETRAIN_STEPS": "5"}
 
 
 @pytest.mark.parametrize("name", sorted(OTHER_NOTEBOOKS))
@@ -176,25 +187,30 @@ def test_other_notebook_matches_its_source_and_has_no_outputs(name):
     )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(OTHER_NOTEBOOKS))
-def test_other_notebook_runs_at_a_tiny_size(name, tmp_path, monkeypatch):
+def _execute(
+    name: str, tmp_path: Path, monkeypatch, env: dict[str, str]
+) -> tuple[nbformat.NotebookNode, str]:
+    """Run notebooks/<name>.ipynb in tmp_path with MASKSUB_NOTEBOOK_<key>=value set; (notebook, its stdout)."""
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    for var, value in (("EPOCHS", "1"), ("SEEDS", "2"), ("LIMIT_BATCHES", "3")):
+    for var, value in env.items():
         monkeypatch.setenv(f"MASKSUB_NOTEBOOK_{var}", value)
+    monkeypatch.setenv("MASKSUB_NOTEBOOK_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("MASKSUB_FIGURES_DIR", str(tmp_path / "figures"))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     client = nbclient.NotebookClient(
-        nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
+        nb, kernel_name="python3", timeout=1800, resources={"metadata": {"path": str(tmp_path)}}
     )
-    client.execute()
-    text = _text_outputs(nb)
+    client.execute()  # raises CellExecutionError if any cell fails
+    return nb, _text_outputs(nb)
+
+
+def _check_outputs(name: str, nb: nbformat.NotebookNode, text: str, tmp_path: Path) -> None:
     for pattern in OTHER_NOTEBOOKS[name]:
         assert re.search(pattern, text, re.M), f"{pattern!r} not in:\n{text}"
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) >= (3 if name == "analysis" else 1)
+    assert len(images) >= {"analysis": 3, "custom_subbranch": 1, "finetune": 0}[name]
     if name == "analysis":
         written = sorted(p.name for p in (tmp_path / "figures").iterdir())
         assert written == [
@@ -202,6 +218,65 @@ def test_other_notebook_runs_at_a_tiny_size(name, tmp_path, monkeypatch):
             "analysis_losses.png",
             "analysis_mask_ratio.png",
         ]
+    if name == "finetune":
+        _check_finetune_export(text, tmp_path / "work")
+
+
+def _check_finetune_export(text: str, work: Path) -> None:
+    """The exported folder, loaded with timm alone and fed the val PNGs through a hand-written preprocessing,
+    scores the val top-1 that the notebook's MaskSub run logged."""
+    import json
+
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+
+    logged = float(re.search(r"^final val_acc1 masksub=(\S+)$", text, re.M).group(1))
+    reported = re.search(r"^reloaded model's val top-1: (\S+) \(training run logged (\S+)\)$", text, re.M)
+    assert reported and reported.group(1) == reported.group(2) == f"{logged:.4f}", text
+
+    export = work / "export" / "masksub"
+    config = json.loads((export / "config.json").read_text())
+    assert config["num_classes"] == 10 and config["architecture"] == "vit_tiny_patch16_224"
+    cfg = config["pretrained_cfg"]
+    mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
+    model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+    val = work / "digits_folders" / "val"
+    classes = sorted(p.name for p in val.iterdir())
+    assert classes == [f"digit_{d}" for d in range(10)]
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((val / name).glob("*.png")):
+            rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+            images.append((torch.from_numpy(rgb).permute(2, 0, 1) - mean) / std)
+            labels.append(label)
+    with torch.no_grad():
+        predictions = model(torch.stack(images)).argmax(1)
+    top1 = (predictions == torch.tensor(labels)).float().mean().item()
+    assert len(labels) == 360
+    assert top1 == pytest.approx(logged, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_NOTEBOOKS))
+def test_other_notebook_runs_at_a_tiny_size(name, tmp_path, monkeypatch):
+    nb, text = _execute(name, tmp_path, monkeypatch, TINY)
+    assert re.search(r"^EPOCHS=1, ", text, re.M), "the environment variables did not reach the notebook"
+    _check_outputs(name, nb, text, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["quickstart", *sorted(OTHER_NOTEBOOKS)])
+def test_notebook_runs_at_its_full_size(name, tmp_path, monkeypatch):
+    """The notebooks at their default sizes (minutes each): the runs learn the digits."""
+    nb, text = _execute(name, tmp_path, monkeypatch, {})
+    if name == "quickstart":
+        finals = [float(v) for v in re.findall(r"^final val_acc1 \w+=(\S+)$", text, re.M)]
+    else:
+        _check_outputs(name, nb, text, tmp_path)
+        finals = [float(v) for v in re.findall(r"val_acc1[ =](?:\S+ mean=)?(0\.\d+|1\.0+)", text)]
+    assert len(finals) >= 2, text
+    assert min(finals) > 0.3, text  # chance is 0.10
 
 
 if __name__ == "__main__":

@@ -266,7 +266,10 @@ def test_masksub_module_resume_sees_the_uninterrupted_batches(tmp_path):
         module(), datamodule=data()
     )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    class StopAtStep3(L.Callback):  # not max_steps: that would give the run (and its checkpoint) a 3-step schedule
+
+    class StopAtStep3(
+        L.Callback
+    ):  # not max_steps: that would give the run (and its checkpoint) a 3-step schedule
         def on_train_batch_end(self, trainer, *args):
             trainer.should_stop = trainer.global_step >= 3
 
