@@ -253,9 +253,10 @@ print("\n".join(card.splitlines()[:12]))
 # %% [markdown]
 # ## Next steps
 #
-# - The same fine-tuning from the command line: `masksub fit --config <a fine-tuning recipe>` with
-#   `--data ImageFolderDataModule --data.root <your folders>` and
-#   `--model.init_args.pretrained_weights <checkpoint>`; `masksub recipes` lists the paper's recipes.
+# - The same fine-tuning from the command line: a recipe (`masksub recipes` lists the paper's; the fine-tuning
+#   ones are under `configs/transfer/`) with your folders and checkpoint, e.g. `masksub fit --config
+#   configs/quickstart.yaml --data.class_path masksub_lightning.data.ImageFolderDataModule
+#   --data.init_args.root <your folders> --model.init_args.pretrained_weights <checkpoint>`.
 # - `masksub export <run>/checkpoints/last.ckpt <out_dir>` for runs made with the CLI.
 # - The README's "Look inside a run" section and `notebooks/analysis.ipynb` show what the sub-branch does during
 #   training.
