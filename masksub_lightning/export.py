@@ -219,6 +219,15 @@ def export_checkpoint(
         value = data_args.get(arg)
         if value is not None:
             data_config[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    if ("mean" in data_args or "std" in data_args) and not {"mean", "std"} <= data_config.keys():
+        # mean / std None: the DataModule normalised with ImageNet's (or norm_from_model's), not the timm model's
+        # own default (0.5 for many ViTs), so write the values it actually used.
+        from masksub_lightning.data.base import ImageClassificationDataModule
+
+        mean, std = ImageClassificationDataModule._resolve_norm(
+            data_args.get("mean"), data_args.get("std"), data_args.get("norm_from_model")
+        )
+        data_config["mean"], data_config["std"] = tuple(mean), tuple(std)
 
     out.mkdir(parents=True, exist_ok=True)
     save_for_hf(

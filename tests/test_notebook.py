@@ -251,6 +251,17 @@ def _check_finetune_export(text: str, work: Path) -> None:
             rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
             images.append((torch.from_numpy(rgb).permute(2, 0, 1) - mean) / std)
             labels.append(label)
+    # The same tensors as the training run's evaluation (ImageFolderDataModule as the notebook builds it): the
+    # exported mean / std are the ones the network was trained with.
+    from masksub_lightning.data import ImageFolderDataModule
+
+    data = ImageFolderDataModule(
+        root=str(val.parent), batch_size=len(labels), num_workers=0, img_size=32, eval_crop_pct=1.0
+    )
+    data.setup("validate")
+    reference, reference_labels = next(iter(data.val_dataloader()))
+    assert reference_labels.tolist() == labels
+    torch.testing.assert_close(torch.stack(images), reference, atol=1e-5, rtol=0)
     with torch.no_grad():
         predictions = model(torch.stack(images)).argmax(1)
     top1 = (predictions == torch.tensor(labels)).float().mean().item()
