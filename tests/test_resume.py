@@ -382,7 +382,20 @@ class _StopAfter(L.Callback):
 
 
 def _ddp_fit(root: Path, stop: int | None = None, ckpt: Path | None = None) -> list[dict]:
+    """Run :func:`_ddp_fit_here` in a fresh interpreter: forking DDP workers from a process that has already run
+    autograd (any earlier test) fails ("Unable to handle autograd's threading in combination with fork")."""
+    call = f"_ddp_fit_here({str(root)!r}, {stop!r}, {str(ckpt) if ckpt else None!r})"
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); from test_resume import _ddp_fit_here; {call}"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+    return [torch.load(Path(root) / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def _ddp_fit_here(root: str, stop: int | None = None, ckpt: str | None = None) -> None:
     from lightning.pytorch.strategies import DDPStrategy
+
+    root = Path(root)
 
     L.seed_everything(0, verbose=False)
     module = MaskSubModule(**FAMILIES["vit_token_mask"], num_classes=10, lr=2e-3, warmup_epochs=0.5)
@@ -408,7 +421,6 @@ def _ddp_fit(root: Path, stop: int | None = None, ckpt: Path | None = None) -> l
         callbacks=callbacks,
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
-    return [torch.load(root / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 @pytest.mark.slow
