@@ -16,15 +16,15 @@
 # control": its soft target `softmax(o1)` is blurry while the main branch is wrong, sharp once it is right), and
 # the main branch's training loss falls **faster** than without the sub-branch. This notebook measures both on
 # real data, scikit-learn's handwritten digits (1,797 8x8 scans upsampled to 32x32; the quickstart's ViT), with
-# the package's analysis callbacks, and sweeps the mask ratio (0.25 / 0.5 / 0.75). Every curve is the mean over
-# `SEEDS` seeds with a +- 1 std band.
+# the package's analysis callbacks, sweeps the mask ratio (0.25 / 0.5 / 0.75) and compares the sub-branch kinds
+# (mask, dropout, drop-path). Every curve and bar is the mean over `SEEDS` seeds with a +- 1 std band.
 #
 # - `BranchGradients(every_n_steps=...)`: the L2 norm of the gradient of `L_main` and of `L_sub`, and the cosine
 #   between them, read between the step's two backward passes (the applied gradient is untouched);
 # - `MaskedInputLoss()`: each epoch, the loss of the network on a fixed held-out batch with half its patches
 #   masked, against the true labels; the baseline (`sub_branch="none"`) is measured with the same mask.
 #
-# At the defaults (`EPOCHS=12`, `SEEDS=3`: 12 runs) it takes about 6 minutes on 2 CPU cores; raise
+# At the defaults (`EPOCHS=12`, `SEEDS=3`: 18 runs) it takes about 9 minutes on 2 CPU cores; raise
 # `MASKSUB_NOTEBOOK_EPOCHS` / `MASKSUB_NOTEBOOK_SEEDS` for tighter curves.
 
 # %%
@@ -51,6 +51,7 @@ SEEDS = int(os.environ.get("MASKSUB_NOTEBOOK_SEEDS", "3"))
 LIMIT_BATCHES = int(os.environ.get("MASKSUB_NOTEBOOK_LIMIT_BATCHES", "0")) or None  # the test's tiny size
 FIGURES = Path(os.environ.get("MASKSUB_FIGURES_DIR", "."))  # where the PNG figures go
 RATIOS = (0.25, 0.5, 0.75)
+KINDS = (("dropout", 0.2), ("droppath", 0.2))  # DropSub / PathSub at the strengths the paper's variants use
 GRAD_EVERY = 4  # BranchGradients interval in optimizer steps (an epoch is 22 steps)
 
 VIT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0)
@@ -107,7 +108,7 @@ def train(sub_branch, ratio, seed, log_root):
     }
 
 
-ARMS = [("mask", r) for r in RATIOS] + [("none", 0.5)]
+ARMS = [("mask", r) for r in RATIOS] + list(KINDS) + [("none", 0.5)]
 results = {arm: [] for arm in ARMS}
 start = time.perf_counter()
 with tempfile.TemporaryDirectory() as log_root:
@@ -118,7 +119,9 @@ print(f"{len(ARMS) * SEEDS} runs in {time.perf_counter() - start:.0f} s")
 
 
 def label(arm):
-    return "baseline" if arm[0] == "none" else f"MaskSub r={arm[1]}"
+    kind, ratio = arm
+    names = {"mask": f"MaskSub r={ratio}", "dropout": f"DropSub p={ratio}", "droppath": f"PathSub p={ratio}"}
+    return names.get(kind, "baseline")
 
 
 def stacked(arm, pick):
@@ -203,22 +206,24 @@ save(fig, "losses")
 plt.show()
 
 # %% [markdown]
-# ## Mask ratio
+# ## Mask ratio and sub-branch kind
 #
-# Final validation top-1 per arm (mean +- std over seeds). The validation split has 360 images: one image is
-# 0.28 points.
+# Final validation top-1 per arm (mean +- std over seeds): the mask ratios, then the dropout and drop-path
+# sub-branches at p = 0.2. The validation split has 360 images: one image is 0.28 points.
 
 # %%
-fig, ax = plt.subplots(figsize=(6, 4))
+fig, ax = plt.subplots(figsize=(8, 4))
 names, means, stds = [], [], []
-for arm in [("none", 0.5), *[("mask", r) for r in RATIOS]]:
+for arm in [("none", 0.5), *[("mask", r) for r in RATIOS], *KINDS]:
     accs = np.array([r["val_acc1"] for r in results[arm]])
     mean, std = accs.mean(), accs.std(ddof=1) if len(accs) > 1 else 0.0
     names.append(label(arm))
     means.append(mean)
     stds.append(std)
     print(f"final val_acc1 {label(arm).replace(' ', '_')} mean={mean:.4f} std={std:.4f} n={len(accs)}")
-ax.bar(names, means, yerr=stds, capsize=4, color=["tab:gray", "tab:cyan", "tab:blue", "tab:purple"])
+colors = ["tab:gray", "tab:cyan", "tab:blue", "tab:purple", "tab:orange", "tab:green"]
+ax.bar(names, means, yerr=stds, capsize=4, color=colors)
+ax.tick_params(axis="x", labelrotation=20)
 ax.set(ylabel="val top-1", title=f"final val top-1 ({EPOCHS} epochs, {SEEDS} seeds)")
 ax.set_ylim(max(0.0, min(means) - 3 * max(max(stds), 0.01)), min(1.0, max(means) + 3 * max(max(stds), 0.01)))
 ax.grid(alpha=0.3, axis="y")

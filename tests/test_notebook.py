@@ -155,7 +155,14 @@ OTHER_NOTEBOOKS = {
     "analysis": [
         *(
             rf"^final val_acc1 {arm} mean=0\.\d+ std=0\.\d+ n=\d+$"
-            for arm in ("baseline", "MaskSub_r=0.25", "MaskSub_r=0.5", "MaskSub_r=0.75")
+            for arm in (
+                "baseline",
+                "MaskSub_r=0.25",
+                "MaskSub_r=0.5",
+                "MaskSub_r=0.75",
+                "DropSub_p=0.2",
+                "PathSub_p=0.2",
+            )
         ),
         r"^sub/main gradient ratio: first quarter \d+\.\d+, last quarter \d+\.\d+$",
     ],
