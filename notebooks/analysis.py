@@ -24,7 +24,7 @@
 # - `MaskedInputLoss()`: each epoch, the loss of the network on a fixed held-out batch with half its patches
 #   masked, against the true labels; the baseline (`sub_branch="none"`) is measured with the same mask.
 #
-# At the defaults (`EPOCHS=12`, `SEEDS=3`: 18 runs) it takes about 9 minutes on 2 CPU cores; raise
+# At the defaults (`EPOCHS=12`, `SEEDS=3`: 18 runs) it takes about 6 minutes on 2 CPU cores; raise
 # `MASKSUB_NOTEBOOK_EPOCHS` / `MASKSUB_NOTEBOOK_SEEDS` for tighter curves.
 
 # %%
