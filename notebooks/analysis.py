@@ -25,7 +25,9 @@
 #   masked, against the true labels; the baseline (`sub_branch="none"`) is measured with the same mask.
 #
 # At the defaults (`EPOCHS=12`, `SEEDS=3`: 18 runs) it takes about 6 minutes on 2 CPU cores; raise
-# `MASKSUB_NOTEBOOK_EPOCHS` / `MASKSUB_NOTEBOOK_SEEDS` for tighter curves.
+# `MASKSUB_NOTEBOOK_EPOCHS` / `MASKSUB_NOTEBOOK_SEEDS` for tighter curves. A harder set: no other labelled image
+# set ships with a Python package, so point `MASKSUB_NOTEBOOK_CIFAR10` at a local CIFAR-10 copy (torchvision's
+# `cifar-10-batches-py` layout) to run the same analysis on it (hours on a CPU at the default size; a GPU helps).
 
 # %%
 import logging
@@ -43,13 +45,14 @@ from lightning.pytorch.loggers import CSVLogger
 
 from masksub_lightning import MaskSubModule
 from masksub_lightning.callbacks import BranchGradients, MaskedInputLoss
-from masksub_lightning.data import DigitsDataModule
+from masksub_lightning.data import CIFAR10DataModule, DigitsDataModule
 from masksub_lightning.plot import read_run
 
 EPOCHS = int(os.environ.get("MASKSUB_NOTEBOOK_EPOCHS", "12"))
 SEEDS = int(os.environ.get("MASKSUB_NOTEBOOK_SEEDS", "3"))
 LIMIT_BATCHES = int(os.environ.get("MASKSUB_NOTEBOOK_LIMIT_BATCHES", "0")) or None  # the test's tiny size
 FIGURES = Path(os.environ.get("MASKSUB_FIGURES_DIR", "."))  # where the PNG figures go
+CIFAR10 = os.environ.get("MASKSUB_NOTEBOOK_CIFAR10")  # a local CIFAR-10 copy instead of the digits
 RATIOS = (0.25, 0.5, 0.75)
 KINDS = (("dropout", 0.2), ("droppath", 0.2))  # DropSub / PathSub at the strengths the paper's variants use
 GRAD_EVERY = 4  # BranchGradients interval in optimizer steps (an epoch is 22 steps)
@@ -60,6 +63,14 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
 print(f"EPOCHS={EPOCHS}, SEEDS={SEEDS}, LIMIT_BATCHES={LIMIT_BATCHES}, torch {torch.__version__}")
+print(f"data: {'CIFAR-10 from ' + CIFAR10 if CIFAR10 else 'scikit-learn digits'}")
+
+
+def make_data(seed):
+    """The digits (bundled), or CIFAR-10 from a local copy: 10 classes at 32 x 32 either way."""
+    if CIFAR10:
+        return CIFAR10DataModule(root=CIFAR10, batch_size=64, img_size=32, seed=seed, num_workers=0)
+    return DigitsDataModule(batch_size=64, img_size=32, train_augment=False, seed=seed)
 
 # %% [markdown]
 # ## The runs
@@ -83,7 +94,7 @@ def train(sub_branch, ratio, seed, log_root):
         weight_decay=0.05,
         warmup_epochs=min(2, EPOCHS),
     )
-    data = DigitsDataModule(batch_size=64, img_size=32, train_augment=False, seed=seed)
+    data = make_data(seed)
     grads = BranchGradients(every_n_steps=GRAD_EVERY)
     masked = MaskedInputLoss(kind="mask", ratio=0.5, num_samples=256)  # the same probe for every arm
     name = f"{sub_branch}_{ratio}_seed{seed}"

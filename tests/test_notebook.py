@@ -283,6 +283,22 @@ def test_other_notebook_runs_at_a_tiny_size(name, tmp_path, monkeypatch):
     _check_outputs(name, nb, text, tmp_path)
 
 
+def test_analysis_runs_on_a_local_cifar10_copy(tmp_path, monkeypatch):
+    """MASKSUB_NOTEBOOK_CIFAR10 switches the analysis to CIFAR-10 in its real on-disk format (a tiny fake copy)."""
+    sys.path.insert(0, str(ROOT / "tests" / "data"))
+    from fake_data import _cifar_batch, _pickle
+
+    base = tmp_path / "cifar" / "cifar-10-batches-py"
+    for b in range(1, 6):
+        _pickle(base / f"data_batch_{b}", _cifar_batch([i % 10 for i in range(64)], "labels"))
+    _pickle(base / "test_batch", _cifar_batch([i % 10 for i in range(64)], "labels"))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    _pickle(base / "batches.meta", {"label_names": names, "num_cases_per_batch": 64, "num_vis": 3072})
+    nb, text = _execute("analysis", tmp_path, monkeypatch, {**TINY, "CIFAR10": str(tmp_path / "cifar")})
+    assert f"data: CIFAR-10 from {tmp_path / 'cifar'}" in text
+    _check_outputs("analysis", nb, text, tmp_path)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["quickstart", *sorted(OTHER_NOTEBOOKS)])
 def test_notebook_runs_at_its_full_size(name, tmp_path, monkeypatch):
