@@ -4,6 +4,7 @@ and run them by name from any directory."""
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 import venv
@@ -47,11 +48,31 @@ def test_the_wheel_holds_every_recipe(wheel):
     assert "masksub_lightning/configs/README.md" in names
 
 
+def _venv_seeing_this_interpreters_packages(env_dir: Path) -> Path:
+    """A new venv whose only own package will be the wheel, and which imports the dependencies (torch, lightning,
+    ...) from the interpreter running the tests, whatever that is (a base Python, a virtualenv, a conda env).
+
+    ``system_site_packages=True`` would see the *base* interpreter's site-packages, not a virtualenv's. Instead a
+    ``.pth`` file lists this interpreter's site directories. Their own ``.pth`` files are not processed (only
+    directories given to ``site.addsitedir`` are scanned), so an editable install of this checkout stays out,
+    and the venv's own site-packages comes first on ``sys.path``: the wheel's copy wins.
+    """
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    own = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    ours = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    (Path(own) / "_test_dependencies.pth").write_text("\n".join(d for d in ours if Path(d).is_dir()) + "\n")
+    return python
+
+
 def test_installed_wheel_lists_and_runs_recipes_outside_the_checkout(wheel, tmp_path):
     env_dir = tmp_path / "venv"
-    # The venv reuses the installed dependencies (torch, lightning, ...); only this package comes from the wheel.
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
-    python = env_dir / "bin" / "python"
+    python = _venv_seeing_this_interpreters_packages(env_dir)
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
         check=True,
@@ -72,14 +93,17 @@ def test_installed_wheel_lists_and_runs_recipes_outside_the_checkout(wheel, tmp_
         )
 
     where = subprocess.run(
-        [str(python), "-c", "import masksub_lightning; print(masksub_lightning.__file__)"],
+        [str(python), "-c", "import masksub_lightning, lightning; print(masksub_lightning.__file__, lightning.__file__)"],
         cwd=work,
         env=env,
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.strip()
-    assert where.startswith(str(env_dir)), where  # the wheel's copy, not the checkout
+    ).stdout.split()
+    import lightning
+
+    assert where[0].startswith(str(env_dir)), where  # the wheel's copy, not the checkout
+    assert where[1] == lightning.__file__  # the dependencies of the interpreter running the tests
 
     listed = run("recipes")
     assert listed.returncode == 0, listed.stderr

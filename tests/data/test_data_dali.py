@@ -12,6 +12,11 @@ from fake_data import SMALL, color_of, decode_labels, write_image_folder
 CLASSES = tuple(f"c{i:02d}" for i in range(12))
 
 
+def _needs_dali() -> None:
+    # DALI is an optional extra (a CUDA-specific wheel), not part of `.[dev]`: a fresh install skips these.
+    pytest.importorskip("nvidia.dali", reason="needs the 'dali' extra: pip install -e '.[dali]'")
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("dali") / "data"
@@ -51,7 +56,7 @@ def test_missing_dali_is_one_clear_line(monkeypatch, folder):
 
 
 def test_order_and_labels_follow_the_sampler(folder):
-    pytest.importorskip("nvidia.dali")
+    _needs_dali()
     from masksub_lightning.data import ImageFolderDataModule
 
     dm = _dm(folder, repeated_aug=2, seed=5)
@@ -67,7 +72,7 @@ def test_order_and_labels_follow_the_sampler(folder):
 
 
 def test_three_augment_gives_grayscale_solarize_or_blur(folder):
-    pytest.importorskip("nvidia.dali")
+    _needs_dali()
     dm = _dm(folder, auto_augment="3a", color_jitter=None)
     kinds = set()
     for images, targets in _run(dm)[0]:
@@ -86,7 +91,7 @@ def test_three_augment_gives_grayscale_solarize_or_blur(folder):
 
 
 def test_randaugment_and_simple_crop_run_and_change_images(folder):
-    pytest.importorskip("nvidia.dali")
+    _needs_dali()
     plain = _run(_dm(folder, seed=1))[0]
     for kwargs in (
         dict(auto_augment="rand-m9-mstd0.5-inc1", train_interpolation="random"),
@@ -101,7 +106,7 @@ def test_randaugment_and_simple_crop_run_and_change_images(folder):
 
 
 def test_resume_continues_with_the_next_unseen_batch(folder):
-    pytest.importorskip("nvidia.dali")
+    _needs_dali()
     full = [t for _, t in _run(_dm(folder, repeated_aug=3, seed=2))[0]]
     first, state = _run(_dm(folder, repeated_aug=3, seed=2), limit=2)
     rest, _ = _run(_dm(folder, repeated_aug=3, seed=2), state=state)
@@ -112,7 +117,7 @@ def test_resume_continues_with_the_next_unseen_batch(folder):
 
 
 def test_mixing_and_erasing_on_the_device_batch(folder):
-    pytest.importorskip("nvidia.dali")
+    _needs_dali()
     dm = _dm(folder, mixup_alpha=0.8, cutmix_alpha=1.0, reprob=1.0, remode="const")
     images, targets = next(iter(dm.train_dataloader()))
     mixed, soft = dm.on_after_batch_transfer((images.clone(), targets), 0)
@@ -121,7 +126,7 @@ def test_mixing_and_erasing_on_the_device_batch(folder):
 
 
 def test_bad_requests_fail_at_construction(folder):
-    pytest.importorskip("nvidia.dali")
+    _needs_dali()
     from masksub_lightning.data.dali import DALIDataModule
 
     with pytest.raises(ValueError, match=r"auto_augment='augmix-m5-w4-d2' is not available in the DALI"):
@@ -134,7 +139,7 @@ def test_bad_requests_fail_at_construction(folder):
 
 
 def test_lightning_fit_consumes_the_dali_loader(folder, tmp_path):
-    pytest.importorskip("nvidia.dali")
+    _needs_dali()
     import lightning as L
 
     seen = []
@@ -172,7 +177,7 @@ def test_lightning_fit_consumes_the_dali_loader(folder, tmp_path):
 
 @pytest.mark.parametrize("stop", [4, 6], ids=["mid_epoch", "epoch_end"])
 def test_lightning_resume_continues_the_sample_order(folder, tmp_path, stop):
-    pytest.importorskip("nvidia.dali")
+    _needs_dali()
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
