@@ -150,13 +150,13 @@ def paired_step_times(module, batch, device, precision: str, warmup: int, steps:
 
 @contextlib.contextmanager
 def per_step_logging_disabled(module):
-    """Diagnostic only (``--log-ablation``): the module's ``_log_training`` (its ``self.log`` calls and the
-    accuracy update) replaced by a no-op, to show how much of the overhead is per-step logging."""
-    module._log_training = lambda *args, **kwargs: None
+    """Diagnostic only (``--log-ablation``): the module's per-step logging (``_log_step``, its ``self.log`` calls)
+    replaced by a no-op, to show how much of the overhead is per-step logging."""
+    module._log_step = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        del module._log_training
+        del module._log_step
 
 
 def calibrate_steps(module, batch, device, precision: str, budget_s: float) -> int:

@@ -35,7 +35,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from timm.layers import DropPath
 from torch import Tensor, nn
 
@@ -47,6 +47,7 @@ from masksub_lightning.subbranch import (
     block_dropouts,
     build_sub_branch,
 )
+from masksub_lightning.training import precision
 
 __all__ = ["BranchGradients", "MaskedInputLoss", "SubBranchPictures"]
 
@@ -80,10 +81,11 @@ class BranchGradients(Callback):
     """Per-branch gradient norms and their cosine, every ``every_n_steps`` optimizer steps.
 
     MaskSub's step backpropagates ``L_main / 2`` and then ``L_sub / 2`` into the same ``.grad``. On a measured step
-    this callback copies the gradient after the main branch's backward (through a probe the module calls there)
-    and reads the whole gradient before clipping; the sub-branch's share is the difference. Nothing is written
-    into ``.grad``, so training is bitwise the same with and without the callback. Logged (and appended to
-    :attr:`history`):
+    this callback copies the gradient after the first backward of each micro-batch (Lightning calls
+    ``on_after_backward`` after every ``manual_backward``; MaskSub's first one is the main branch's) and reads the
+    whole gradient in ``on_before_optimizer_step``, before the module clips it; the sub-branch's share is the
+    difference. Nothing is written into ``.grad``, so training is bitwise the same with and without the callback.
+    Logged (and appended to :attr:`history`):
 
     * ``branch_grad_norm_main``: L2 norm of the gradient of ``L_main`` (not halved; the mean over the micro-batches
       of an accumulation group, as the optimizer step applies it);
@@ -105,24 +107,16 @@ class BranchGradients(Callback):
         self.every_n_steps = every_n_steps
         self.history: list[dict[str, float]] = []
         self._measuring = False
+        self._backwards = 0  # backward passes so far in the current micro-batch
         self._before: list[Tensor | None] | None = None  # .grad at the start of a micro-batch inside a group
         self._main: list[Tensor | None] | None = None  # the main branch's summed share in this group
-        self._warned = False
 
     # Lightning hooks -----------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         _require_masksub(self, pl_module)
-        if not hasattr(pl_module, "_gradient_probes"):
-            raise ValueError(f"{type(pl_module).__name__} has no gradient probes (a MaskSubModule is needed)")
-        if self not in pl_module._gradient_probes:
-            pl_module._gradient_probes.append(self)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        probes = getattr(pl_module, "_gradient_probes", [])
-        if self in probes:
-            probes.remove(self)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._backwards = 0
         self._measuring = trainer.global_step % self.every_n_steps == 0
         if not self._measuring:
             return
@@ -132,55 +126,45 @@ class BranchGradients(Callback):
         else:  # inside an accumulation group: what earlier micro-batches left
             self._before = [None if g is None else g.detach().clone() for g in grads]
 
-    # probes called by MaskSubModule --------------------------------------------------------------------------
-    def after_main_backward(self, pl_module: L.LightningModule) -> None:
-        if not self._measuring:
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._backwards += 1
+        if not (self._measuring and self._backwards == 1 and pl_module.sub_branch.active):
             return
+        # .grad holds the main branch's share of this micro-batch (plus what earlier micro-batches left), still
+        # multiplied by the GradScaler's factor under 16-mixed: undone here, while the factor is known to apply.
+        unscale = _inverse_scale(trainer)
         share = []
         for i, p in enumerate(self._params(pl_module)):
             g = None if p.grad is None else p.grad.detach().float()
             before = None if self._before is None else self._before[i]
             if g is not None and before is not None:
                 g = g - before
-            elif g is not None:
-                g = g.clone()
-            share.append(g)
+            share.append(None if g is None else g * unscale)
         self._main = share if self._main is None else [_add(a, b) for a, b in zip(self._main, share)]
         self._before = None
 
-    def before_optimizer_step(self, pl_module: L.LightningModule) -> None:
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """Runs before the module's own hook (which clips): the gradient of the step, unclipped."""
         if not self._measuring:
             return
         self._measuring = False
-        trainer = pl_module.trainer
         params = self._params(pl_module)
-        total = [None if p.grad is None else p.grad.detach().float() for p in params]
-        unscale = 1.0
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            unscale = 1.0 / float(scaler.get_scale())
-        values = {"branch_grad_norm_total": _norm(total) * unscale}
-        if pl_module.sub_branch.active:
-            main = self._main
-            self._main = None
-            if main is None:
-                if not self._warned:
-                    rank_zero_warn(
-                        "BranchGradients: the module did not call its gradient probe after the main branch's "
-                        "backward (an overridden training_step?); logging only the total gradient norm"
-                    )
-                    self._warned = True
-            else:
-                if trainer.world_size > 1:
-                    main = _all_reduce_mean(trainer, main)
-                sub = [_sub(t, m) for t, m in zip(total, main)]
-                # .grad holds (g_main + g_sub) / 2: the halves are undone to report each loss's own gradient.
-                norm_main, norm_sub = _norm(main), _norm(sub)
-                dot = sum((m * s).sum() for m, s in zip(main, sub) if m is not None and s is not None)
-                cosine = dot / (norm_main * norm_sub).clamp_min(1e-30) if torch.is_tensor(dot) else dot * 0.0
-                values["branch_grad_norm_main"] = 2 * norm_main * unscale
-                values["branch_grad_norm_sub"] = 2 * norm_sub * unscale
-                values["branch_grad_cosine"] = cosine
+        # Lightning unscaled .grad before this hook, except for an optimizer that unscales inside its step.
+        unscale = _inverse_scale(trainer) if precision.gradients_are_scaled(trainer, optimizer) else 1.0
+        total = [None if p.grad is None else p.grad.detach().float() * unscale for p in params]
+        values = {"branch_grad_norm_total": _norm(total)}
+        if pl_module.sub_branch.active and self._main is not None:
+            main, self._main = self._main, None
+            if trainer.world_size > 1:
+                main = _all_reduce_mean(trainer, main)
+            sub = [_sub(t, m) for t, m in zip(total, main)]
+            # .grad holds (g_main + g_sub) / 2: the halves are undone to report each loss's own gradient.
+            norm_main, norm_sub = _norm(main), _norm(sub)
+            dot = sum((m * s).sum() for m, s in zip(main, sub) if m is not None and s is not None)
+            cosine = dot / (norm_main * norm_sub).clamp_min(1e-30) if torch.is_tensor(dot) else dot * 0.0
+            values["branch_grad_norm_main"] = 2 * norm_main
+            values["branch_grad_norm_sub"] = 2 * norm_sub
+            values["branch_grad_cosine"] = cosine
         else:
             values["branch_grad_norm_main"] = values["branch_grad_norm_total"]
         device = params[0].device if params else torch.device("cpu")
@@ -204,6 +188,12 @@ class BranchGradients(Callback):
         self.history = list(state_dict.get("history", []))
 
 
+def _inverse_scale(trainer: L.Trainer) -> float:
+    """1 / the GradScaler's current factor (1 without one). Constant within an optimizer step."""
+    scaler = precision.grad_scaler(trainer)
+    return 1.0 if scaler is None else 1.0 / float(scaler.get_scale())
+
+
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:
         return b
@@ -218,9 +208,7 @@ def _sub(total: Tensor | None, main: Tensor | None) -> Tensor | None:
 
 def _norm(tensors: list[Tensor | None]) -> Tensor:
     present = [t for t in tensors if t is not None]
-    if not present:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in present]))
+    return torch.nn.utils.get_total_norm(present) if present else torch.zeros(())
 
 
 def _all_reduce_mean(trainer: L.Trainer, tensors: list[Tensor | None]) -> list[Tensor | None]:

@@ -10,6 +10,7 @@ the end of each epoch the module waits for every pending flag. On the CPU the fl
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,37 +23,35 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class NonFinite:
-    """Where a non-finite loss was seen: the optimizer step (1-based, as the logs count) and the branch."""
+    """Where a non-finite loss was seen: the optimizer step (1-based, as the logs count) and the loss part."""
 
     step: int
-    branch: str
+    part: str  # e.g. "main branch", "sub-branch"
 
 
 class NonFiniteMonitor:
     """Records per-step "is the loss finite" flags and reports the first step where one was not."""
 
     def __init__(self) -> None:
-        self._pending: deque[tuple[int, Tensor, torch.cuda.Event | None]] = deque()
+        self._pending: deque[tuple[int, list[str], Tensor, torch.cuda.Event | None]] = deque()
 
-    def record(self, step: int, loss_main: Tensor, loss_sub: Tensor | None) -> None:
-        """Queue the flags of ``step`` (main branch, sub-branch) without waiting for the device."""
-        losses = [loss_main.detach().float().reshape(())]
-        if loss_sub is not None:
-            losses.append(loss_sub.detach().float().reshape(()))
-        bad = ~torch.isfinite(torch.stack(losses))  # (1 or 2,) on the loss's device
+    def record(self, step: int, parts: Mapping[str, Tensor]) -> None:
+        """Queue the flags of ``step``'s named loss parts without waiting for the device."""
+        names = list(parts)
+        bad = ~torch.isfinite(torch.stack([parts[k].detach().float().reshape(()) for k in names]))
         if bad.device.type == "cuda":
             host = torch.empty(bad.shape, dtype=torch.bool, pin_memory=True)
             host.copy_(bad, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending.append((step, host, event))
+            self._pending.append((step, names, host, event))
         else:
-            self._pending.append((step, bad, None))
+            self._pending.append((step, names, bad, None))
 
     def poll(self, wait: bool = False) -> NonFinite | None:
         """The first non-finite step among the flags that have landed (all of them with ``wait=True``)."""
         while self._pending:
-            step, flags, event = self._pending[0]
+            step, names, flags, event = self._pending[0]
             if event is not None and not event.query():  # query() never blocks
                 if not wait:
                     return None
@@ -60,7 +59,7 @@ class NonFiniteMonitor:
             self._pending.popleft()
             if bool(flags.any()):
                 self._pending.clear()
-                return NonFinite(step, "main branch" if bool(flags[0]) else "sub-branch")
+                return NonFinite(step, names[int(flags.int().argmax())])
         return None
 
     def reset(self) -> None:
@@ -68,10 +67,10 @@ class NonFiniteMonitor:
         self._pending.clear()
 
 
-def is_finite(loss_main: Tensor, loss_sub: Tensor | None) -> NonFinite | None:
-    """Immediate (synchronising) check used by the ``skip`` policy; ``step`` is filled in by the caller."""
-    if not bool(torch.isfinite(loss_main.detach()).all()):
-        return NonFinite(0, "main branch")
-    if loss_sub is not None and not bool(torch.isfinite(loss_sub.detach()).all()):
-        return NonFinite(0, "sub-branch")
+def first_nonfinite(parts: Mapping[str, Tensor]) -> NonFinite | None:
+    """The first non-finite part among named losses, now (one host sync; the ``skip`` policy needs it at once);
+    None when all are finite. ``step`` is filled in by the caller."""
+    for name, loss in parts.items():
+        if not bool(torch.isfinite(loss.detach()).all()):
+            return NonFinite(0, name)
     return None

@@ -7,36 +7,27 @@ One optimizer step on a batch (x, y), as in the paper (CVPR 2025, "Masking meets
     clip -> optimizer step -> zero grad -> LR schedule step
 
 The two backward passes accumulate the gradient of ``(L_main + L_sub) / 2``; the main graph is freed before the
-sub-branch runs (peak memory of a single branch), and under DDP only the second backward all-reduces.
+sub-branch runs (peak memory of a single branch), and under DDP only the second backward all-reduces. Everything
+around the two branches (accumulation, clipping, schedule, non-finite losses, exact resume, logging) is the shared
+:class:`~masksub_lightning.modules.base.TrainingModule`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import random
 from typing import Any, Literal
 
-import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from masksub_lightning import checkpointing, guards, network, resume
+from masksub_lightning import network
 from masksub_lightning.losses import MaskSubLoss
-from masksub_lightning.optim import (
-    build_optimizer,
-    build_scheduler,
-    check_optimizer_name,
-    check_scheduler_name,
-)
+from masksub_lightning.modules.base import TrainingModule, check_positive, check_training_options
 from masksub_lightning.subbranch import SubBranch, build_sub_branch
 
 
-class MaskSubModule(L.LightningModule):
+class MaskSubModule(TrainingModule):
     """Trains a classifier with MaskSub (or, with ``sub_branch="none"``, plain supervised training).
 
     Args:
@@ -123,35 +114,16 @@ class MaskSubModule(L.LightningModule):
             name for name, v in (("model", model), ("sub_branch", sub_branch)) if not isinstance(v, str)
         ]
         self.save_hyperparameters(ignore=ignore)
-        self.automatic_optimization = False  # two backward passes per optimizer step
-
-        _check_positive("num_classes", num_classes, integer=True)
-        _check_positive("lr", lr)
-        if lr_base_batch_size is not None:
-            _check_positive("lr_base_batch_size", lr_base_batch_size, integer=True)
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
-            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
-        if grad_clip_norm is not None:
-            _check_positive("grad_clip_norm", grad_clip_norm)
+        check_training_options(self.hparams)
+        check_positive("num_classes", num_classes, integer=True)
         if (
             isinstance(sub_ratio, bool)
             or not isinstance(sub_ratio, (int, float))
             or not 0.0 <= sub_ratio < 1.0
         ):
             raise ValueError(f"sub_ratio must be in [0, 1), got {sub_ratio!r}")
-        check_optimizer_name(optimizer)
-        check_scheduler_name(scheduler)
-        if lr_interval not in ("step", "epoch"):
-            raise ValueError(f"lr_interval must be 'step' or 'epoch', got {lr_interval!r}")
-        _check_positive("grad_accumulation", grad_accumulation, integer=True)
-        if nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
         if head_init_std is not None:
-            _check_positive("head_init_std", head_init_std)
+            check_positive("head_init_std", head_init_std)
         if drop_path_profile not in network.DROP_PATH_PROFILES:
             allowed = ", ".join(network.DROP_PATH_PROFILES)
             raise ValueError(f"drop_path_profile must be one of {allowed}, got {drop_path_profile!r}")
@@ -180,20 +152,10 @@ class MaskSubModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._pretrained_loaded = pretrained_weights is None
-        # Per-run state of the training step (not hyperparameters, not saved).
-        self._nonfinite = guards.NonFiniteMonitor()
-        self._skip_reason: guards.NonFinite | None = None
-        self._skipped_steps = 0
-        self._group_logs: tuple[dict[str, Tensor], int] | None = None
-        # Analysis probes (masksub_lightning.callbacks.BranchGradients) read .grad after the main branch's backward
-        # and before clipping; they never change it. Empty unless such a callback is attached.
-        self._gradient_probes: list[Any] = []
-
-    # weights_only=True by default (Lightning passes None on to torch.load) and one clear error for unsafe files.
-    load_from_checkpoint = checkpointing.load_from_checkpoint
 
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage == "fit" and not self._pretrained_loaded:
             # Loaded here, not in __init__, so load_from_checkpoint never needs the original weights file.
             from masksub_lightning.pretrained import load_pretrained
@@ -202,130 +164,6 @@ class MaskSubModule(L.LightningModule):
             report = load_pretrained(self.model, self.hparams.pretrained_weights, exclude=exclude)
             self.print(f"loaded pretrained weights from {self.hparams.pretrained_weights}: {report}")
             self._pretrained_loaded = True
-
-    def configure_model(self) -> None:
-        if self.hparams.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        if self.hparams.compile and not getattr(self.model, "_compiled_call_impl", None):
-            self.model.compile()  # in place: state-dict keys keep their names
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        if self.trainer.train_dataloader is None:
-            self.trainer.fit_loop.setup_data()  # batch size and epoch length are needed below
-        lr = hp.lr
-        if hp.lr_base_batch_size:
-            lr = lr * self._global_batch_size() / hp.lr_base_batch_size
-        optimizer = build_optimizer(
-            self.model, hp.optimizer, lr, hp.weight_decay, hp.layer_decay, **(hp.optimizer_kwargs or {})
-        )
-        if hp.lr_interval == "epoch":
-            epochs = self.trainer.max_epochs
-            if epochs is None or epochs < 1:
-                raise ValueError("lr_interval='epoch' needs Trainer max_epochs")
-            scheduler = build_scheduler(
-                optimizer,
-                hp.scheduler,
-                epochs,
-                round(hp.warmup_epochs),
-                hp.warmup_lr,
-                hp.min_lr,
-                per_epoch=True,
-            )
-            self._check_resumed_schedule(scheduler, "epochs")
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-        total_steps, steps_per_epoch = self._optimizer_steps()
-        warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
-        scheduler = build_scheduler(
-            optimizer, hp.scheduler, total_steps, warmup_steps, hp.warmup_lr, hp.min_lr
-        )
-        self._check_resumed_schedule(scheduler, "optimizer steps")
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _check_resumed_schedule(self, scheduler: Any, unit: str) -> None:
-        """Refuse a resume whose schedule would differ in length from the checkpoint's.
-
-        Lightning restores the scheduler's state over the one built here, so a resume with another max_epochs,
-        max_steps, batch size or grad_accumulation would silently keep the old length (and warmup). The rule:
-        resume with the original run's settings; to train on for longer, start a new run from the weights.
-        """
-        saved = getattr(self, "_resumed_schedule", None)
-        if not saved:
-            return
-        built = {"t_initial": scheduler.t_initial, "warmup_t": getattr(scheduler, "warmup_t", None)}
-        if saved != built:
-            raise ValueError(
-                f"cannot resume: the checkpoint's LR schedule spans {saved['t_initial']} {unit} (warmup "
-                f"{saved['warmup_t']}), this run's would span {built['t_initial']} (warmup {built['warmup_t']}): "
-                "max_epochs, max_steps, the batch size or grad_accumulation changed. Resume with the original "
-                "settings, or start a new run from the weights (--model.init_args.pretrained_weights CKPT)"
-            )
-
-    def _optimizer_steps(self) -> tuple[int, int]:
-        """(optimizer steps of the whole run, optimizer steps per epoch), counting accumulation groups."""
-        accumulation = self.hparams.get("grad_accumulation", 1)
-        batches = self.trainer.num_training_batches
-        max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
-        if not math.isfinite(batches):
-            if accumulation > 1 or self.hparams.warmup_epochs:
-                raise ValueError(
-                    "grad_accumulation > 1 and warmup_epochs need a train loader with a length "
-                    "(not an endless iterable)"
-                )
-            if max_steps is None or max_steps < 0:
-                raise ValueError("the LR schedule needs a finite run: set Trainer max_epochs or max_steps")
-            return max_steps, max_steps
-        if accumulation > batches:
-            raise ValueError(
-                f"grad_accumulation={accumulation} is more than the {int(batches)} train batches of an epoch; "
-                "use a value <= the number of batches per epoch"
-            )
-        per_epoch = math.ceil(batches / accumulation)  # a shorter last group still takes a step
-        if max_epochs is None or max_epochs < 0:
-            if max_steps is None or max_steps < 0:
-                raise ValueError("the LR schedule needs a finite run: set Trainer max_epochs or max_steps")
-            return max_steps, per_epoch
-        total = per_epoch * max(max_epochs, 1)
-        if max_steps is not None and max_steps >= 0:
-            total = min(total, max_steps)
-        return total, per_epoch
-
-    def _global_batch_size(self) -> int:
-        """Images per optimizer step over all devices: batch size x world size x grad_accumulation."""
-        loader = self.trainer.train_dataloader
-        batch_size = getattr(loader, "batch_size", None) or getattr(loader.batch_sampler, "batch_size", None)
-        if batch_size is None:
-            raise ValueError("lr_base_batch_size needs a train DataLoader with a batch_size")
-        return int(batch_size) * self.trainer.world_size * self.hparams.get("grad_accumulation", 1)
-
-    def on_train_start(self) -> None:
-        if resume.restore_rng_states(self):  # a resume: each rank continues its saved random streams
-            return
-        # Lightning seeds every rank alike; masks and mixup draws must differ across ranks (timm and DeiT seed
-        # by rank too). Parameters are unaffected: DDP broadcast them from rank 0 already.
-        if self.trainer.world_size > 1:
-            seed = (torch.initial_seed() + self.global_rank) % 2**32
-            torch.manual_seed(seed)
-            np.random.seed(seed)
-            random.seed(seed)
-
-    # Exact resume (masksub_lightning.resume): every rank's RNG states travel in the checkpoint, and validation
-    # inside fit leaves them untouched.
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._stop_if_nonfinite(wait=True)  # a NaN never reaches a saved checkpoint
-        resume.save_rng_states(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        resume.stash_rng_states(self, checkpoint)  # put back in on_train_start, after Lightning's set-up
-        saved = checkpoint.get("lr_schedulers") or [{}]
-        self._resumed_schedule = {k: saved[0].get(k) for k in ("t_initial", "warmup_t")} if saved[0] else None
-
-    def on_validation_model_zero_grad(self) -> None:
-        super().on_validation_model_zero_grad()
-        resume.pause_rng(self)
-
-    def on_validation_epoch_end(self) -> None:
-        resume.resume_rng(self)
 
     # ---------------------------------------------------------------------------------------------- training
     def forward(self, images: Tensor) -> Tensor:
@@ -364,153 +202,26 @@ class MaskSubModule(L.LightningModule):
         """The sub-branch's loss against the detached main branch's soft prediction. Override to customise."""
         return self.criterion.sub(sub_logits, self.criterion.sub_target(main_logits))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    loss_part_names = {"loss_main": "main branch", "loss_sub": "sub-branch"}
+
+    def training_losses(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        """Both branches of one micro-batch; each backward carries half of ``(L_main + L_sub) / 2``."""
         images, target = batch
         images = self._to_memory_format(images)
-        opt = self.optimizers()
-        group_size, last_in_group = self._accumulation_position(batch_idx)
-        scale = 1.0 / group_size  # the optimizer step applies the mean gradient of its micro-batches
-
-        if self.sub_branch.active:
-            # Main branch: its gradient stays local (no DDP all-reduce) and its graph is freed before the sub-branch.
-            with opt.toggle_model(sync_grad=False):
-                main_logits = self.model(images)
-                loss_main = self.main_loss(main_logits, target)
-                self.manual_backward(loss_main * (scale / 2))
-                for probe in self._gradient_probes:  # .grad holds the main branch's share here
-                    probe.after_main_backward(self)
-            main_logits = main_logits.detach()
-            with self._gradient_sync(opt, last_in_group):  # one all-reduce per optimizer step
-                loss_sub = self.sub_loss(self.sub_branch_forward(images), main_logits)
-                self.manual_backward(loss_sub * (scale / 2))
-            loss = (loss_main.detach() + loss_sub.detach()) / 2
-        else:
-            with self._gradient_sync(opt, last_in_group):
-                main_logits = self.model(images)
-                loss_main = self.main_loss(main_logits, target)
-                self.manual_backward(loss_main * scale)
-            loss, loss_sub, main_logits = loss_main.detach(), None, main_logits.detach()
-
-        self._check_finite(loss_main, loss_sub)
-        self._collect_training_logs(images.shape[0], loss, loss_main.detach(), loss_sub, main_logits, target)
-        if last_in_group:
-            self._optimizer_step(opt)
-        return loss
-
-    def _optimizer_step(self, opt: Any) -> None:
-        """Clip, step, zero the gradient, move a per-step schedule, and log the step's values."""
-        if self._skip_this_step():  # nonfinite_loss="skip": drop this step's gradient, count it
-            opt.zero_grad(set_to_none=True)
-            self._skipped_steps += 1
-            self._skip_reason = None
-            self._group_logs = None
-            self.log("train_skipped_steps", float(self._skipped_steps), on_step=True, on_epoch=False)
-            return
-        for probe in self._gradient_probes:  # the whole step's gradient, before clipping
-            probe.before_optimizer_step(self)
-        grad_norm = self._clip_gradients(opt)
-        lr = opt.optimizer.param_groups[-1]["lr"]  # the LR this step applies (the schedule moves it below)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None and self.hparams.lr_interval == "step":
-            scheduler.step_update(num_updates=self.global_step)
-        self._log_training(grad_norm, lr)
-
-    def _accumulation_position(self, batch_idx: int) -> tuple[int, bool]:
-        """(micro-batches in this batch's optimizer step, whether this batch is the last of them).
-
-        Groups of ``grad_accumulation`` consecutive batches; the epoch's last group may be shorter and then
-        averages over the batches it has (as one optimizer step on a smaller batch).
-        """
-        n = self.hparams.get("grad_accumulation", 1)
-        if n == 1:
-            return 1, True
-        per_epoch = int(self.trainer.num_training_batches)
-        start = batch_idx - batch_idx % n
-        size = min(n, per_epoch - start)
-        return size, batch_idx == start + size - 1
-
-    def _gradient_sync(self, opt: Any, sync: bool) -> Any:
-        """DDP all-reduces the gradient only on the last backward of an optimizer step."""
-        return contextlib.nullcontext() if sync else opt.toggle_model(sync_grad=False)
-
-    # ------------------------------------------------------------------------------------ non-finite losses
-    def _check_finite(self, loss_main: Tensor, loss_sub: Tensor | None) -> None:
-        """Apply the ``nonfinite_loss`` policy to this batch's losses (see ``masksub_lightning.guards``)."""
-        if self.hparams.get("nonfinite_loss", "stop") == "skip":
-            found = guards.is_finite(loss_main, loss_sub)  # one host sync: the step must be decided now
-            if found is not None and self._skip_reason is None:
-                self._skip_reason = found
-            return
-        self._nonfinite.record(self.global_step + 1, loss_main, loss_sub)
-        self._stop_if_nonfinite(wait=False)
-
-    def _skip_this_step(self) -> bool:
-        """Skip policy: skip when any rank saw a non-finite loss in this step (the gradient was all-reduced)."""
-        if self.hparams.get("nonfinite_loss", "stop") != "skip":
-            return False
-        return self.trainer.strategy.reduce_boolean_decision(self._skip_reason is not None, all=False)
-
-    def _stop_if_nonfinite(self, wait: bool) -> None:
-        found = self._nonfinite.poll(wait=wait)
-        if found is None:
-            return
-        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
-        last_good = (
-            getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-        ) or None
-        raise guards.NonFiniteLossError(
-            f"non-finite loss (NaN or inf) at step {found.step} in the {found.branch}; stopping "
-            f"(nonfinite_loss='stop'). Last good checkpoint: {last_good or 'none saved yet'}; "
-            "nothing from this step on was saved"
+        main_logits = self.model(images)
+        loss_main = self.main_loss(main_logits, target)
+        self.train_acc.update(
+            main_logits.detach(), target.argmax(-1) if target.is_floating_point() else target
         )
-
-    def on_train_epoch_end(self) -> None:
-        self._stop_if_nonfinite(wait=True)  # before validation and the epoch's checkpoint
-        scheduler = self.lr_schedulers()
-        if scheduler is not None and self.hparams.lr_interval == "epoch":
-            scheduler.step(epoch=self.current_epoch + 1)  # the LR of the next epoch
-
-    def _clip_gradients(self, opt: Any) -> Tensor | None:
-        max_norm = self.hparams.grad_clip_norm
-        if not max_norm:
-            return None
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:  # 16-mixed: gradients are still scaled here
-            scaler.unscale_(opt.optimizer)
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            # Sharded parameters: only FSDP can compute the global norm.
-            self.clip_gradients(opt, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
-            return None
-        # torch's clip directly: Lightning's clip_gradients refuses fused optimizers even under bf16 (no scaler).
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-
-    def _collect_training_logs(self, batch_size, loss, loss_main, loss_sub, main_logits, target) -> None:
-        """Sum this batch's losses into its optimizer step's group (logged once per optimizer step)."""
-        values = {"train_loss": loss, "train_loss_main": loss_main}
-        if loss_sub is not None:
-            values["train_loss_sub"] = loss_sub.detach()
-        weighted = {k: v * batch_size for k, v in values.items()}
-        if self._group_logs is None:
-            self._group_logs = (weighted, batch_size)
-        else:
-            sums, images = self._group_logs
-            self._group_logs = ({k: sums[k] + weighted[k] for k in sums}, images + batch_size)
-        hard_target = target.argmax(-1) if target.is_floating_point() else target
-        self.train_acc.update(main_logits, hard_target)  # update only: the per-batch value is never needed
-
-    def _log_training(self, grad_norm: Tensor | None, lr: float) -> None:
-        # Tensors only: Lightning moves them to the host when it writes logs, not on every step.
-        sums, images = self._group_logs
-        self._group_logs = None
-        values = {k: v / images for k, v in sums.items()}
-        if grad_norm is not None:
-            values["train_grad_norm"] = grad_norm
-        self.log_dict(values, on_step=True, on_epoch=True, batch_size=images)
-        self.log("train_acc_main", self.train_acc, on_step=False, on_epoch=True, batch_size=images)
-        # A CPU tensor: a Python float would be copied to the GPU, and that copy waits for the whole step.
-        self.log("lr", torch.tensor(lr), on_step=True, on_epoch=False, batch_size=images)
+        self.log("train_acc_main", self.train_acc, on_step=False, on_epoch=True, batch_size=images.shape[0])
+        if not self.sub_branch.active:
+            self.backprop(loss_main)
+            return {"loss": loss_main, "loss_main": loss_main}
+        # The main branch's gradient stays local (no all-reduce) and its graph is freed before the sub-branch.
+        self.backprop(loss_main / 2, last=False)
+        loss_sub = self.sub_loss(self.sub_branch_forward(images), main_logits.detach())
+        self.backprop(loss_sub / 2)
+        return {"loss": (loss_main + loss_sub) / 2, "loss_main": loss_main, "loss_sub": loss_sub}
 
     # ------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -541,10 +252,3 @@ class MaskSubModule(L.LightningModule):
         if self.hparams.channels_last and images.dim() == 4:
             return images.contiguous(memory_format=torch.channels_last)
         return images
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
-def _check_positive(name: str, value: Any, integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise ValueError(f"{name} must be a positive {'int' if integer else 'number'}, got {value!r}")

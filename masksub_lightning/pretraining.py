@@ -28,22 +28,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from masksub_lightning import checkpointing, guards, resume
+from masksub_lightning import checkpointing
 from masksub_lightning.masking import num_kept_tokens
-from masksub_lightning.module import MaskSubModule
-from masksub_lightning.optim import (
-    build_optimizer,
-    build_scheduler,
-    check_optimizer_name,
-    check_scheduler_name,
-)
+from masksub_lightning.modules.base import TrainingModule, check_training_options
 
 __all__ = [
     "LUTModule",
@@ -257,7 +250,7 @@ def _check_number(name: str, value: Any, low: float, high: float, low_open=False
 
 
 # -------------------------------------------------------------------------------------------------- MAEModule
-class MAEModule(L.LightningModule):
+class MAEModule(TrainingModule):
     """MAE pre-training of any timm ViT (``vit_*``, ``deit*``, ... any ``VisionTransformer``) as a LightningModule.
 
     Batches are ``images`` or ``(images, labels)`` (labels are ignored): images (B, 3, H, W). Validation logs
@@ -288,6 +281,7 @@ class MAEModule(L.LightningModule):
         min_lr: learning rate at the end.
         grad_clip_norm: clip the gradient's global norm; None for none.
         grad_accumulation: micro-batches per optimizer step.
+        nonfinite_loss: ``stop`` (default) or ``skip`` a step whose loss is NaN / inf (as ``MaskSubModule``).
         export_on_fit_end: write the encoder in the released-MAE layout to ``<checkpoint dir>/encoder.pth``
             (or ``<default_root_dir>/encoder.pth``) when fitting ends.
         compile: ``torch.compile`` the encoder in place.
@@ -319,42 +313,25 @@ class MAEModule(L.LightningModule):
         min_lr: float = 0.0,
         grad_clip_norm: float | None = None,
         grad_accumulation: int = 1,
+        nonfinite_loss: str = "stop",
         export_on_fit_end: bool = True,
         compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.automatic_optimization = False  # the LUT teacher moves right after each optimizer step
+        check_training_options(self.hparams)
         _check_number("mask_ratio", mask_ratio, 0.0, 1.0, low_open=True, high_open=True)
-        _check_number("lr", lr, 0.0, math.inf, low_open=True)
-        _check_number("weight_decay", weight_decay, 0.0, math.inf)
-        _check_number("warmup_epochs", warmup_epochs, 0.0, math.inf)
-        _check_number("warmup_lr", warmup_lr, 0.0, math.inf)
-        _check_number("min_lr", min_lr, 0.0, math.inf)
-        if grad_clip_norm is not None:
-            _check_number("grad_clip_norm", grad_clip_norm, 0.0, math.inf, low_open=True)
         for name, value in (
             ("decoder_dim", decoder_dim),
             ("decoder_depth", decoder_depth),
             ("decoder_num_heads", decoder_num_heads),
-            ("grad_accumulation", grad_accumulation),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if lr_base_batch_size is not None and (
-            isinstance(lr_base_batch_size, bool)
-            or not isinstance(lr_base_batch_size, int)
-            or lr_base_batch_size < 1
-        ):
-            raise ValueError(
-                f"lr_base_batch_size must be a positive integer or None, got {lr_base_batch_size!r}"
-            )
         if decoder_dim % decoder_num_heads:
             raise ValueError(
                 f"decoder_dim={decoder_dim} must be divisible by decoder_num_heads={decoder_num_heads}"
             )
-        check_optimizer_name(optimizer)
-        check_scheduler_name(scheduler)
 
         self.num_classes = num_classes
         self.model = self._build_encoder(model, model_kwargs or {})
@@ -377,16 +354,6 @@ class MAEModule(L.LightningModule):
             decoder_mlp_ratio,
         )
         self._init_mae_weights(fixed_pos_embed)
-        self._nonfinite = guards.NonFiniteMonitor()
-        self._total_steps = 1
-
-    # weights_only=True by default, as MaskSubModule.
-    load_from_checkpoint = checkpointing.load_from_checkpoint
-    # Shared bookkeeping with MaskSubModule: steps of the run, global batch, accumulation groups, DDP sync.
-    _optimizer_steps = MaskSubModule._optimizer_steps
-    _global_batch_size = MaskSubModule._global_batch_size
-    _accumulation_position = MaskSubModule._accumulation_position
-    _gradient_sync = MaskSubModule._gradient_sync
 
     @staticmethod
     def _build_encoder(name: Any, kwargs: dict[str, Any]) -> VisionTransformer:
@@ -483,83 +450,26 @@ class MAEModule(L.LightningModule):
         return images
 
     # ---------------------------------------------------------------------------------------- optimization
+    loss_part_names = {
+        "loss": "reconstruction loss",
+        "loss_mae": "reconstruction loss",
+        "loss_bc": "context loss",
+    }
+
+    def training_losses(self, batch: Any) -> dict[str, Tensor]:
+        losses = self.compute_losses(batch)
+        self.backprop(losses["loss"])
+        return losses
+
     def trainable_networks(self) -> dict[str, nn.Module]:
         """The networks the optimizer trains (by attribute name)."""
         return {"model": self.model, "decoder": self.decoder}
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        if self.trainer.train_dataloader is None:
-            self.trainer.fit_loop.setup_data()
-        lr = hp.lr
-        if hp.lr_base_batch_size:
-            lr = lr * self._global_batch_size() / hp.lr_base_batch_size
-        optimizer = build_optimizer(
-            _Trainable(**self.trainable_networks()),
-            hp.optimizer,
-            lr,
-            hp.weight_decay,
-            None,
-            **self._optimizer_kwargs(),
-        )
-        total, per_epoch = self._optimizer_steps()
-        self._total_steps = total
-        scheduler = build_scheduler(
-            optimizer, hp.scheduler, total, round(hp.warmup_epochs * per_epoch), hp.warmup_lr, hp.min_lr
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def optimizer_target(self) -> nn.Module:
+        return _Trainable(**self.trainable_networks())
 
-    def _optimizer_kwargs(self) -> dict[str, Any]:
-        kwargs = self.hparams.optimizer_kwargs
-        if kwargs is None:
-            return {"betas": (0.9, 0.95)} if self.hparams.optimizer.lower() == "adamw" else {}
-        return dict(kwargs)
-
-    def configure_model(self) -> None:
-        if self.hparams.compile and not getattr(self.model, "_compiled_call_impl", None):
-            self.model.compile()
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        opt = self.optimizers()
-        group, last = self._accumulation_position(batch_idx)
-        with self._gradient_sync(opt, last):
-            losses = self.compute_losses(batch)
-            self.manual_backward(losses["loss"] / group)
-        self._nonfinite.record(self.global_step + 1, losses["loss"], None)
-        self._stop_if_nonfinite(wait=False)
-        batch_size = self._images(batch).shape[0]
-        self.log_dict(
-            {f"train_{k}" if k == "loss" else f"train_loss_{k}": v.detach() for k, v in losses.items()},
-            on_step=True,
-            on_epoch=True,
-            batch_size=batch_size,
-        )
-        if last:
-            grad_norm = None
-            if self.hparams.grad_clip_norm:
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.parameters() if p.grad is not None], self.hparams.grad_clip_norm
-                )
-            lr = opt.optimizer.param_groups[0]["lr"]
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            self.lr_schedulers().step_update(num_updates=self.global_step)
-            self.after_optimizer_step()
-            self.log("lr", torch.tensor(lr), on_step=True, on_epoch=False, batch_size=batch_size)
-            if grad_norm is not None:
-                self.log("train_grad_norm", grad_norm, on_step=True, on_epoch=False, batch_size=batch_size)
-        return losses["loss"].detach()
-
-    def after_optimizer_step(self) -> None:
-        """Called right after each optimizer step (``global_step`` already counts it). LUT moves its teacher."""
-
-    def _stop_if_nonfinite(self, wait: bool) -> None:
-        found = self._nonfinite.poll(wait=wait)
-        if found is not None:
-            raise guards.NonFiniteLossError(f"non-finite pre-training loss (NaN or inf) at step {found.step}")
-
-    def on_train_epoch_end(self) -> None:
-        self._stop_if_nonfinite(wait=True)
+    def optimizer_defaults(self) -> dict[str, Any]:
+        return {"betas": (0.9, 0.95)} if self.hparams.optimizer.lower() == "adamw" else {}  # MAE's
 
     # ------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -569,27 +479,7 @@ class MAEModule(L.LightningModule):
         loss, _ = self.mae_step(images, self.draw_shuffle(images.shape[0], images.device, g))
         self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
 
-    # ------------------------------------------------------------------------------------- resume and export
-    def on_train_start(self) -> None:
-        if resume.restore_rng_states(self):
-            return
-        if self.trainer.world_size > 1:  # masks must differ across ranks
-            torch.manual_seed((torch.initial_seed() + self.global_rank) % 2**32)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._stop_if_nonfinite(wait=True)
-        resume.save_rng_states(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        resume.stash_rng_states(self, checkpoint)
-
-    def on_validation_model_zero_grad(self) -> None:
-        super().on_validation_model_zero_grad()
-        resume.pause_rng(self)
-
-    def on_validation_epoch_end(self) -> None:
-        resume.resume_rng(self)
-
+    # ---------------------------------------------------------------------------------------------- export
     def encoder_state_dict(self) -> dict[str, Tensor]:
         """The encoder's weights with timm key names (float32, on the CPU)."""
         return {k: v.detach().float().cpu().clone() for k, v in _uncompiled(self.model).state_dict().items()}
@@ -709,7 +599,11 @@ class LUTModule(MAEModule):
         z0, z1 = self.teacher_targets(v0), self.teacher_targets(v1)
         loss_bc = (bc_loss(p1, z0) + bc_loss(p0, z1)) / 2  # each student view against the other teacher view
         hp = self.hparams
-        return {"loss": hp.mae_weight * loss_mae + hp.bc_weight * loss_bc, "mae": loss_mae, "bc": loss_bc}
+        return {
+            "loss": hp.mae_weight * loss_mae + hp.bc_weight * loss_bc,
+            "loss_mae": loss_mae,
+            "loss_bc": loss_bc,
+        }
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

@@ -37,6 +37,30 @@ def make_loader(
     return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=shuffle, drop_last=True)
 
 
+class AppliedGradients(L.Callback):
+    """The gradient (after clipping and unscaling) and LR each optimizer step applied, read right after it.
+
+    An optimizer step post-hook: Lightning runs the hooks that change ``.grad`` (the module clips in its
+    ``on_before_optimizer_step``, after the callbacks' own) inside ``optimizer.step``, before the update, and
+    the optimizers do not modify ``.grad``. It fires only for a step that is taken (a GradScaler skips the step of
+    an overflowed gradient).
+    """
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.lrs: list[float] = []
+
+    def on_train_start(self, trainer, pl_module):
+        def record(optimizer, args, kwargs):
+            self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()})
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+        self._handle = trainer.optimizers[0].register_step_post_hook(record)
+
+    def on_train_end(self, trainer, pl_module):
+        self._handle.remove()
+
+
 def quiet_trainer(**kwargs) -> L.Trainer:
     defaults = dict(
         accelerator="cpu",

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import make_images, quiet_trainer, tiny_vit_kwargs
+from conftest import AppliedGradients, make_images, quiet_trainer, tiny_vit_kwargs
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader, TensorDataset
@@ -52,16 +52,7 @@ def make_module(accumulation: int, **overrides) -> MaskSubModule:
     return MaskSubModule("vit_tiny_patch16_224", **{**kwargs, **overrides})
 
 
-class Record(L.Callback):
-    """Gradient (after clipping) and LR of every optimizer step."""
-
-    def __init__(self) -> None:
-        self.grads: list[dict[str, torch.Tensor]] = []
-        self.lrs: list[float] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()})
-        self.lrs.append(optimizer.param_groups[0]["lr"])
+Record = AppliedGradients  # gradient (after clipping) and LR of every optimizer step
 
 
 def fit(module, batch_size: int, n: int = 32, epochs: int = 2) -> Record:
@@ -157,10 +148,12 @@ class CountAndSave(Record):
         self.out = out
 
     def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
         if trainer.world_size > 1:  # Lightning registers comm hooks on CUDA only
             trainer.strategy.model.register_comm_hook(state=None, hook=counting_allreduce_hook)
 
     def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
         torch.save(self.grads, self.out / f"grads{trainer.global_rank}.pt")
         (self.out / f"calls{trainer.global_rank}.json").write_text(
             json.dumps({**CALLS, "steps": trainer.global_step})

@@ -10,21 +10,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY_RESNET, make_loader, quiet_trainer, tiny_vit_kwargs
+from conftest import TINY_RESNET, AppliedGradients, make_loader, quiet_trainer, tiny_vit_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from masksub_lightning import MaskSubLoss, MaskSubModule
 
-
-class GradCapture(L.Callback):
-    """Copies the gradient the optimizer is about to apply (after both backward passes)."""
-
-    def __init__(self):
-        self.grads = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()})
+GradCapture = AppliedGradients  # the gradient the optimizer is about to apply (after both backward passes)
 
 
 def vit_module(**kw):

@@ -108,11 +108,11 @@ def test_a_diverging_run_stops_instead_of_saving_nan_weights():
 
 def test_monitor_reports_the_first_bad_step():
     monitor = NonFiniteMonitor()
-    monitor.record(1, torch.tensor(1.0), torch.tensor(2.0))
-    monitor.record(2, torch.tensor(1.0), torch.tensor(float("inf")))
-    monitor.record(3, torch.tensor(float("nan")), None)
+    monitor.record(1, {"main branch": torch.tensor(1.0), "sub-branch": torch.tensor(2.0)})
+    monitor.record(2, {"main branch": torch.tensor(1.0), "sub-branch": torch.tensor(float("inf"))})
+    monitor.record(3, {"main branch": torch.tensor(float("nan"))})
     found = monitor.poll()
-    assert (found.step, found.branch) == (2, "sub-branch")
+    assert (found.step, found.part) == (2, "sub-branch")
     assert monitor.poll() is None  # reported once; the rest is dropped
 
 

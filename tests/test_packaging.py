@@ -93,7 +93,11 @@ def test_installed_wheel_lists_and_runs_recipes_outside_the_checkout(wheel, tmp_
         )
 
     where = subprocess.run(
-        [str(python), "-c", "import masksub_lightning, lightning; print(masksub_lightning.__file__, lightning.__file__)"],
+        [
+            str(python),
+            "-c",
+            "import masksub_lightning, lightning; print(masksub_lightning.__file__, lightning.__file__)",
+        ],
         cwd=work,
         env=env,
         capture_output=True,

@@ -157,8 +157,8 @@ def test_lut_loss_is_mae_plus_weighted_symmetric_2_minus_2cos(monkeypatch):
     by_hand = 0.5 * (
         (2 - 2 * F.cosine_similarity(p[1], z[0])).mean() + (2 - 2 * F.cosine_similarity(p[0], z[1])).mean()
     )
-    assert losses["bc"].item() == pytest.approx(by_hand.item(), rel=1e-5)
-    assert losses["loss"].item() == pytest.approx(losses["mae"].item() + 0.25 * by_hand.item(), rel=1e-5)
+    assert losses["loss_bc"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx(losses["loss_mae"].item() + 0.25 * by_hand.item(), rel=1e-5)
     assert bc_loss(torch.ones(2, 3), -torch.ones(2, 3)).item() == pytest.approx(4.0)
 
 
@@ -199,9 +199,14 @@ def test_teacher_gets_no_gradient_stays_in_eval_and_follows_the_ema_formula(tmp_
 def test_teacher_is_checkpointed_and_restored_on_resume(tmp_path):
     m = lut(momentum=0.5, lr=1e-2, lr_base_batch_size=None, warmup_epochs=0)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+
+    class StopAfterTheFirstEpoch(Callback):  # the resumed run keeps the same 2-epoch schedule
+        def on_train_epoch_end(self, trainer, module):
+            trainer.should_stop = True
+
     quiet_trainer(
-        max_epochs=1,
-        callbacks=[ckpt],
+        max_epochs=2,
+        callbacks=[ckpt, StopAfterTheFirstEpoch()],
         enable_checkpointing=True,
         limit_val_batches=0,
         default_root_dir=tmp_path,

@@ -13,7 +13,9 @@ import pytest
 import torch
 from fake_data import SMALL, decode_labels, write_cifar10, write_image_folder
 
-pytest.importorskip("litdata", reason="needs the 'streaming' extra (also in 'dev'): pip install -e '.[streaming]'")
+pytest.importorskip(
+    "litdata", reason="needs the 'streaming' extra (also in 'dev'): pip install -e '.[streaming]'"
+)
 
 from masksub_lightning.cli import main as cli_main
 from masksub_lightning.data import CIFAR10DataModule, ImageFolderDataModule

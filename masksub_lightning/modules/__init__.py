@@ -1,0 +1,1 @@
+"""The LightningModules: the shared training step and the modules built on it."""

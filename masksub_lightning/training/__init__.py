@@ -1,0 +1,1 @@
+"""Training services: precision-aware gradient handling."""
