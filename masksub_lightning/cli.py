@@ -255,6 +255,10 @@ def check_data_fits_model(model: Any, datamodule: Any) -> None:
     Raises:
         ConfigError: naming both values and the option to change.
     """
+    from torch import nn
+
+    from masksub_lightning.network import head_width
+
     net = getattr(model, "model", None)
     n_data = getattr(datamodule, "num_classes", None)
     if isinstance(n_data, int):
@@ -266,7 +270,7 @@ def check_data_fits_model(model: Any, datamodule: Any) -> None:
         n_model = getattr(model, "num_classes", None)
         if isinstance(n_model, int) and n_model != n_data:
             raise ConfigError(f"model num_classes={n_model} but data.num_classes={n_data}{soft}")
-        head = _head_width(net)
+        head = head_width(net) if isinstance(net, nn.Module) else None
         if head is not None and head != n_data:
             raise ConfigError(
                 f"the model's classifier has {head} outputs but data.num_classes={n_data}{soft}"
@@ -288,15 +292,6 @@ def check_data_fits_model(model: Any, datamodule: Any) -> None:
         raise ConfigError(
             f"data img_size={img} is not a multiple of the model {name}'s patch size {patch[0]}x{patch[1]}"
         )
-
-
-def _head_width(net: Any) -> int | None:
-    get = getattr(net, "get_classifier", None)
-    head = get() if callable(get) else None
-    for attr in ("out_features", "out_channels"):
-        if isinstance(getattr(head, attr, None), int):
-            return getattr(head, attr)
-    return None
 
 
 def _plain(value: Any) -> Any:

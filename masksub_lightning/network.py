@@ -5,7 +5,7 @@ classifier); nothing here is involved in a training step.
 
 * :func:`create_network`: a timm model by name (or a given module), checked against ``num_classes``.
 * :func:`classifier_modules` / :func:`classifier_names`: which modules are the classifier head (the one helper the
-  package uses for that question).
+  package uses for that question); :func:`head_width`: how many outputs it has.
 * :func:`set_drop_path_profile`: per-block stochastic-depth rates, "linear" (timm's ramp from 0) or "constant"
   (every block at the full rate, as the DeiT-III code builds its models).
 * :func:`init_classifier`: re-initialise the head with a small normal std (MAE and FT-CLIP fine-tuning).
@@ -41,9 +41,15 @@ def create_network(model: str | nn.Module, num_classes: int, model_kwargs: dict[
         raise TypeError(f"model must be a timm model name or an nn.Module, got {type(model).__name__}")
     elif model_kwargs:
         raise ValueError("model_kwargs only apply when model is a timm model name")
-    head_size = _head_size(model)
-    if head_size is not None and head_size != num_classes:
-        raise ValueError(f"the model's head has {head_size} outputs but num_classes={num_classes}")
+    width = head_width(model)
+    if width is None:  # e.g. a timm model built with num_classes=0: its own count is all there is to check
+        size = getattr(model, "num_classes", None)
+        width = size if isinstance(size, int) and not isinstance(size, bool) else None
+    if width is not None and width != num_classes:
+        raise ValueError(
+            f"the model's classifier head has {width} outputs but num_classes={num_classes}: give num_classes="
+            f"{width} or a model whose head has {num_classes} outputs"
+        )
     return model
 
 
@@ -74,15 +80,28 @@ def classifier_names(model: nn.Module) -> list[str]:
     return sorted(classifier_modules(model))
 
 
-def _head_size(model: nn.Module) -> int | None:
-    if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
-        if isinstance(head, nn.Linear):
-            return head.out_features
-        if isinstance(head, nn.Conv2d):
-            return head.out_channels
-    size = getattr(model, "num_classes", None)
-    return size if isinstance(size, int) else None
+def head_width(model: nn.Module) -> int | None:
+    """Number of outputs of the classifier head (:func:`classifier_modules`), or None when it cannot be told.
+
+    A head's width is that of its last linear / convolution layer (a bare ``nn.Linear`` or ``nn.Conv2d``, or the
+    last one inside a ``Sequential`` or timm head block). None for a head without one (``nn.Identity``: timm's
+    ``num_classes=0``, an encoder) and for a model without a head this finds.
+    """
+    for module in classifier_modules(model).values():
+        width = _last_layer_width(module)
+        if width is not None:
+            return width
+    return None
+
+
+def _last_layer_width(module: nn.Module) -> int | None:
+    width = None
+    for layer in module.modules():  # definition order: the last layer defined is taken as the output layer
+        if isinstance(layer, nn.Linear):
+            width = layer.out_features
+        elif isinstance(layer, nn.modules.conv._ConvNd):
+            width = layer.out_channels
+    return width
 
 
 def init_classifier(model: nn.Module, std: float) -> list[str]:

@@ -437,6 +437,25 @@ def test_class_count_and_head_are_checked_against_the_data():
     check_data_fits_model(module, SimpleNamespace(num_classes=10, img_size=32))  # consistent: passes
 
 
+def test_the_head_of_a_plain_module_is_checked_against_the_data():
+    from torch import nn
+
+    from masksub_lightning import MaskSubModule
+
+    class Net(nn.Module):  # a classifier from outside timm: its head is found by name
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+
+        def forward(self, x):
+            return self.head(x)
+
+    module = MaskSubModule(Net(), num_classes=10, sub_branch="pixel_mask", sub_branch_kwargs={"cell_size": 4})
+    module.num_classes = 5
+    with pytest.raises(ConfigError, match=r"^the model's classifier has 10 outputs but data.num_classes=5$"):
+        check_data_fits_model(module, SimpleNamespace(num_classes=5, img_size=8))
+
+
 def training_step():  # named like the hook: an error raised under it happened while training
     raise ValueError("bad batch")
 
