@@ -29,10 +29,13 @@ Lightning, jsonargparse and torch are imported only when a Lightning sub-command
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import importlib.util
+import inspect
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,9 @@ SUBCOMMANDS = {
     "plot": "PNG figures from the metrics.csv of one or more runs, overlaid (needs matplotlib)",
     "export": "a checkpoint's network as a timm model folder (config.json, model.safetensors, README.md)",
 }
+
+#: The sub-commands LightningCLI runs (the others are routed to their own modules by :func:`main`).
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 HELP = """usage: masksub <command> [options]
 
@@ -165,6 +171,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> Any:
             auto_configure_optimizers=False,  # the module builds its own param groups (weight-decay exclusions, ...)
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"logger": default_loggers()},
+            # Parse errors raise (one line, parse_arguments) instead of printing the whole usage first.
+            parser_kwargs={
+                "exit_on_error": False,
+                **{sub: {"exit_on_error": False} for sub in LIGHTNING_SUBCOMMANDS},
+            },
             args=args,
             run=run,
         )
@@ -243,6 +254,108 @@ def _root_cause(err: BaseException) -> str:
     return str(err)
 
 
+#: Lines of a jsonargparse error that describe its union-type search rather than the mistake.
+_PARSER_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Expected a <class 'NoneType'>",
+)
+
+
+def parser_error_line(message: str, known_keys: Any = (), class_options: Any = None) -> str:
+    """jsonargparse's error report (a tree over every union alternative) as one line, with a close known key.
+
+    Args:
+        message: the parser's message, e.g. ``Parser key "model": ... Option 'sub_ratoi' is not accepted``.
+        known_keys: the dotted keys the parser accepts (suggestions for an unknown top-level option).
+        class_options: class path -> the option names its constructor accepts (suggestions inside ``init_args``).
+    """
+    path, owner, problems = _read_parser_report(message)
+    text = "; ".join(problems) or message.strip().splitlines()[0]
+    module, _, name = (owner or "").rpartition(".")
+    unknown = re.fullmatch(r"Option '(.+)' is not accepted", text)
+    if owner and name not in _module_names(
+        module
+    ):  # the class path itself is wrong, not one of its init_args
+        path.pop()
+        text = f"class_path {owner!r} does not name a class"
+        close = _close_key(name, _module_names(module))
+        close = f"{module}.{close}" if close else None
+    elif owner and unknown:
+        text = f"option {unknown[1]!r} is not accepted by {owner}"
+        close = _close_key(unknown[1], class_options(owner) if class_options else ())
+    else:
+        unknown = re.search(r"(?:does not accept option '|Option '|unrecognized arguments: --)([\w.]+)", text)
+        close = _close_key(unknown[1], known_keys) if unknown else None
+    hint = f"; did you mean {close!r}?" if close else ""
+    return f"{'.'.join(path)}: {text}{hint}" if path else f"{text}{hint}"
+
+
+def _read_parser_report(message: str) -> tuple[list[str], str | None, list[str]]:
+    """(key path to the innermost problem, the class whose init_args it is in, the problems) of a report."""
+    path, owner, problems, expected, given = [], None, [], [], None
+    for raw in message.splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        if not line or line.startswith(_PARSER_NOISE):
+            continue
+        if key := re.fullmatch(r'Parser key "(.+)":', line):
+            path.append(key[1])
+        elif cls := re.fullmatch(r"Problem with given class_path '(.+)':", line):
+            owner = cls[1]
+            path.append("init_args")
+        elif line.startswith("Given value:"):
+            given = given or line.removeprefix("Given value:").strip()  # the innermost comes first
+        elif typed := re.fullmatch(r"Expected a <class '([\w.]+)'>(?:\. Got value: (.*))?", line):
+            expected.append(typed[1])
+            given = typed[2] if typed[2] is not None else given
+        else:
+            problems.append(line)
+    if expected:
+        problems.append(f"expected {' or '.join(expected)}, got {given!r}")
+    return path, owner, problems
+
+
+def _module_names(module: str) -> list[str]:
+    try:
+        return dir(importlib.import_module(module))
+    except (ImportError, ValueError):
+        return []
+
+
+def _close_key(bad: str, known: Any) -> str | None:
+    """The known dotted key that differs from ``bad`` in its first unknown part only, and there by about an edit."""
+    parts, known_parts = bad.split("."), [k.split(".") for k in known]
+    for i, part in enumerate(parts):
+        level = {k[i] for k in known_parts if len(k) > i and k[:i] == parts[:i]}
+        if part not in level:
+            close = difflib.get_close_matches(part, level, n=1, cutoff=0.75)
+            return ".".join([*parts[:i], close[0]]) if close else None
+    return None
+
+
+def class_options(class_path: str) -> list[str]:
+    """Constructor argument names of ``class_path`` and of the bases its ``**kwargs`` reach (as jsonargparse)."""
+    try:
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names: list[str] = []
+    for klass in inspect.getmro(cls) if inspect.isclass(cls) else ():
+        try:
+            params = list(inspect.signature(klass.__init__).parameters.values())
+        except (TypeError, ValueError):
+            break
+        names += [
+            p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
 # ---------------------------------------------------------------------------------------------------- checks
 def check_data_fits_model(model: Any, datamodule: Any) -> None:
     """The data's image size and class count against the network (before any batch is drawn).
@@ -318,6 +431,8 @@ def _subset(ns: Any, key: str) -> dict[str, Any]:
 @functools.cache
 def _cli_class() -> type:
     """The LightningCLI subclass, built on first use so that importing this module does not import Lightning."""
+    from argparse import ArgumentError
+
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -349,7 +464,10 @@ def _cli_class() -> type:
             )
 
         def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-            super().parse_arguments(parser, args)
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as err:  # raised instead of a usage dump: exit_on_error=False (build_cli)
+                raise ConfigError(self._parser_error(err)) from err
             # The options given in config files or on the command line, without defaults: only these can
             # conflict with a checkpoint's (defaults are filled in from the checkpoint, as Lightning does).
             self._given = None
@@ -417,9 +535,15 @@ def _cli_class() -> type:
                 hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
             try:
                 self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
-            except SystemExit:
-                sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
-                raise
+            except ArgumentError as err:
+                raise ConfigError(
+                    f"the model options saved in --ckpt_path {text} do not parse: {self._parser_error(err)}"
+                ) from err
+
+        def _parser_error(self, err: ArgumentError) -> str:
+            parsers = [self.parser, *getattr(self, "_subcommand_parsers", {}).values()]
+            keys = {a.dest for p in parsers for a in p._actions if not a.dest.endswith("help")}
+            return parser_error_line(str(err), keys, class_options)
 
         def instantiate_classes(self) -> None:
             try:

@@ -121,6 +121,72 @@ def test_unknown_key_is_named(capsys):
     assert "sub_ratioo" in capsys.readouterr().err
 
 
+YAML_MISTAKES = {
+    "misspelt key": (
+        "model:\n  init_args:\n    sub_ratoi: 0.3\n",
+        "model.init_args: option 'sub_ratoi' is not accepted by masksub_lightning.MaskSubModule; "
+        "did you mean 'sub_ratio'?",
+    ),
+    "wrong type": ("model:\n  init_args:\n    lr: fast\n", "model.init_args.lr: expected float, got 'fast'"),
+    "trainer type": ("trainer:\n  max_epochs: many\n", "trainer.max_epochs: expected int, got 'many'"),
+    "data key": (
+        "data:\n  init_args:\n    batch_sise: 8\n",
+        "data.init_args: option 'batch_sise' is not accepted by masksub_lightning.data.DigitsDataModule; "
+        "did you mean 'batch_size'?",
+    ),
+    "top-level key": (
+        "modle:\n  init_args:\n    lr: 0.1\n",
+        "Subcommand 'fit' does not accept option 'modle.init_args.lr'; did you mean 'model'?",
+    ),
+    "class path": (
+        "model:\n  class_path: masksub_lightning.MaskSubModul\n",
+        "model: class_path 'masksub_lightning.MaskSubModul' does not name a class; "
+        "did you mean 'masksub_lightning.MaskSubModule'?",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(YAML_MISTAKES))
+def test_a_config_mistake_is_one_line(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["masksub"])  # else Lightning warns that pytest's argv is ignored
+    text, expected = YAML_MISTAKES[case]
+    (tmp_path / "mine.yaml").write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(QUICKSTART), "--config", str(tmp_path / "mine.yaml")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"masksub: error: {expected}\n"
+
+
+def test_a_misspelt_yaml_key_is_the_whole_stderr_of_the_command(tmp_path):
+    (tmp_path / "mine.yaml").write_text(QUICKSTART.read_text().replace("sub_ratio:", "sub_ratoi:"))
+    run = subprocess.run(
+        [sys.executable, "-m", "masksub_lightning.cli", "fit", "--config", str(tmp_path / "mine.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2
+    assert run.stderr == (
+        "masksub: error: model.init_args: option 'sub_ratoi' is not accepted by masksub_lightning.MaskSubModule; "
+        "did you mean 'sub_ratio'?\n"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unknown_option_is_suggested_and_help_still_prints(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["masksub"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(QUICKSTART), "--checkpoint.monitr=val_loss"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "masksub: error: unrecognized arguments: --checkpoint.monitr=val_loss; did you mean 'checkpoint.monitor'?\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    assert "--ckpt_path CKPT_PATH" in capsys.readouterr().out
+
+
 def test_console_script_exit_codes(tmp_path):
     """The installed `masksub` entry point: 0 on success, non-zero with a one-line message on a bad value."""
     exe = Path(sys.executable).with_name("masksub")
