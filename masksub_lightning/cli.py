@@ -491,9 +491,12 @@ def _cli_class() -> type:
                     return  # resolved by the Trainer
                 raise ConfigError(f"--ckpt_path {text}: no such file")
             try:
-                hparams = dict(load_checkpoint_file(text).get("hyper_parameters") or {})
+                ckpt = load_checkpoint_file(text)
             except (CheckpointLoadError, OSError) as err:
                 raise ConfigError(str(err)) from err
+            if not isinstance(ckpt, dict) or not {"state_dict", "pytorch-lightning_version"} <= ckpt.keys():
+                raise ConfigError(_not_a_lightning_checkpoint(text, sub))
+            hparams = dict(ckpt.get("hyper_parameters") or {})
             hparams.pop("_instantiator", None)
             self._ckpt_hparams = dict(hparams)
             if not hparams:
@@ -601,6 +604,20 @@ def _cli_class() -> type:
 
     MaskSubCLI.__qualname__ = "MaskSubCLI"
     return MaskSubCLI
+
+
+def _not_a_lightning_checkpoint(path: str, subcommand: str) -> str:
+    """--ckpt_path was given a file of weights only (a timm / MAE / torchvision .pth), not a Lightning run's state."""
+    weights = f"--model.init_args.pretrained_weights {path}"
+    use = (
+        f"to start training from these weights, use {weights} instead of --ckpt_path"
+        if subcommand == "fit"
+        else f"{subcommand} needs a checkpoint written by masksub fit (weights alone load with {weights} in fit)"
+    )
+    return (
+        f"--ckpt_path {path} is not a Lightning checkpoint (no 'state_dict' / 'pytorch-lightning_version': "
+        f"a plain state dict of weights?); {use}"
+    )
 
 
 def _same_class(a: str, b: str) -> bool:

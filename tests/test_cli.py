@@ -413,6 +413,13 @@ def _bad_ckpt(last: Path, tmp_path: Path) -> Path:
     return tmp_path / "narrow.ckpt"
 
 
+def _weights_only(last: Path, tmp_path: Path) -> Path:
+    """The network's state dict alone, as timm / torchvision / MAE release their weights."""
+    state = torch.load(last, weights_only=True)["state_dict"]
+    torch.save({k.removeprefix("model."): v for k, v in state.items()}, tmp_path / "weights.pth")
+    return tmp_path / "weights.pth"
+
+
 VIT_DYNAMIC = (
     '{"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3, "dynamic_img_size": true}'
 )
@@ -432,6 +439,12 @@ SETUP_ERRORS = {
         lambda tmp, last: ["--ckpt_path", str(_bad_ckpt(last, tmp))],
         r"the checkpoint does not fit the model: size mismatch for model.head.weight: copying a param with "
         r"shape torch.Size\(\[10, 50\]\) from checkpoint",
+    ),
+    "plain state dict as ckpt_path": (
+        lambda tmp, last: ["--ckpt_path", str(_weights_only(last, tmp))],
+        r"^masksub: error: --ckpt_path .*/weights.pth is not a Lightning checkpoint \(no 'state_dict' / "
+        r"'pytorch-lightning_version': a plain state dict of weights\?\); to start training from these weights, "
+        r"use --model.init_args.pretrained_weights .*/weights.pth instead of --ckpt_path$",
     ),
     "checkpoint of another class count": (
         lambda tmp, last: [
