@@ -37,8 +37,10 @@ from torch import Tensor, nn
 from masksub_lightning import checkpointing
 from masksub_lightning.masking import num_kept_tokens
 from masksub_lightning.modules.base import TrainingModule, check_training_options
+from masksub_lightning.training import sharding
 
 __all__ = [
+    "KeptTokens",
     "LUTModule",
     "MAEDecoder",
     "MAEModule",
@@ -199,6 +201,26 @@ class MAEDecoder(nn.Module):
         x = torch.cat([prefix, full], dim=1) + self.pos_embed.to(kept.dtype)
         x = self.norm(self.blocks(x))
         return self.pred(x[:, self.num_prefix :])
+
+
+class KeptTokens(nn.Module):
+    """Sits in a timm ViT's ``patch_drop`` slot: keeps the prefix tokens and the patch tokens at ``keep``.
+
+    ``keep`` ((B, K) patch indices, or None for all) is set around each call by :meth:`MAEModule.encode`, so the
+    encoder runs through its own ``forward_features`` (the one forward FSDP2 needs to know about).
+    """
+
+    def __init__(self, num_prefix: int) -> None:
+        super().__init__()
+        self.num_prefix = num_prefix
+        self.keep: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.keep is None:
+            return x
+        prefix, patches = x[:, : self.num_prefix], x[:, self.num_prefix :]  # (B, P, D), (B, L, D)
+        kept = torch.gather(patches, 1, self.keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return torch.cat([prefix, kept], dim=1)
 
 
 class ProjectionMLP(nn.Module):
@@ -388,6 +410,11 @@ class MAEModule(TrainingModule):
         ps = encoder.patch_embed.patch_size
         if ps[0] != ps[1]:
             raise ValueError(f"model={name!r}: needs square patches, got {tuple(ps)}")
+        if not isinstance(encoder.patch_drop, nn.Identity):
+            raise ValueError(
+                f"model={name!r}: MAE / LUT choose the kept tokens themselves; drop patch_drop_rate"
+            )
+        encoder.patch_drop = KeptTokens(encoder.num_prefix_tokens)  # no parameters: the state dict is timm's
         return encoder
 
     def _init_mae_weights(self, fixed_pos_embed: bool) -> None:
@@ -410,18 +437,16 @@ class MAEModule(TrainingModule):
     ) -> Tensor:
         """Encoder output (B, P + K, D) after the final norm, on the prefix tokens and the ``keep`` patch tokens.
 
-        Position embeddings are added first, then the patch tokens outside ``keep`` are removed (prefix tokens
-        always stay); ``keep=None`` encodes every token.
+        timm's own ``forward_features``: position embeddings are added first, then the encoder's ``patch_drop``
+        slot (a :class:`KeptTokens`) removes the patch tokens outside ``keep`` (prefix tokens always stay);
+        ``keep=None`` encodes every token.
         """
         net = self.model if net is None else net
-        x = net._pos_embed(net.patch_embed(images))
-        if keep is not None:
-            prefix, patches = x[:, : self.num_prefix], x[:, self.num_prefix :]
-            kept = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-            x = torch.cat([prefix, kept], dim=1)
-        x = net.norm_pre(x)
-        x = net.blocks(x)
-        return net.norm(x)
+        net.patch_drop.keep = keep
+        try:
+            return net.forward_features(images)
+        finally:
+            net.patch_drop.keep = None
 
     def forward(self, images: Tensor) -> Tensor:
         """Encoder features of the whole (unmasked) image, (B, P + L, D)."""
@@ -470,6 +495,22 @@ class MAEModule(TrainingModule):
 
     def optimizer_defaults(self) -> dict[str, Any]:
         return {"betas": (0.9, 0.95)} if self.hparams.optimizer.lower() == "adamw" else {}  # MAE's
+
+    def shard(self, mesh: Any) -> None:
+        """FSDP2: the encoders run through ``forward_features`` (not ``forward``), which FSDP2 is told about."""
+        for encoder in self.encoders():
+            trained = encoder is self.model  # a teacher never runs a backward: free its weights after forward
+            sharding.shard_network(
+                encoder,
+                mesh,
+                forward_methods=["forward_features"],
+                reshard_after_forward=None if trained else True,
+            )
+        sharding.shard_network(self.decoder, mesh)
+
+    def encoders(self) -> list[VisionTransformer]:
+        """The encoders ``encode`` runs (LUT adds its teacher's)."""
+        return [self.model]
 
     # ------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -567,6 +608,15 @@ class LUTModule(MAEModule):
 
     def trainable_networks(self) -> dict[str, nn.Module]:
         return {**super().trainable_networks(), "projector": self.projector, "predictor": self.predictor}
+
+    def encoders(self) -> list[VisionTransformer]:
+        return [self.model, self.teacher["model"]]
+
+    def shard(self, mesh: Any) -> None:
+        super().shard(mesh)
+        sharding.shard_network(self.projector, mesh)
+        sharding.shard_network(self.predictor, mesh)
+        sharding.shard_network(self.teacher["projector"], mesh, reshard_after_forward=True)
 
     def _views(self, batch: Any) -> Tensor:
         views = batch[0] if isinstance(batch, (tuple, list)) else batch

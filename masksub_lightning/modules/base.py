@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from masksub_lightning.optim import (
     check_optimizer_name,
     check_scheduler_name,
 )
-from masksub_lightning.training import precision
+from masksub_lightning.training import precision, sharding
 
 #: Options whose absence from a subclass's hyperparameters means this default.
 _DEFAULTS = {
@@ -191,9 +191,21 @@ class TrainingModule(L.LightningModule):
         size = min(n, per_epoch - start)
         return size, batch_idx == start + size - 1
 
-    def _no_gradient_sync(self) -> contextlib.AbstractContextManager:
-        """Backward passes inside accumulate gradients without the data-parallel reduction."""
-        return self.optimizers().toggle_model(sync_grad=False)
+    @contextlib.contextmanager
+    def _no_gradient_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate gradients without the data-parallel reduction (DDP or FSDP2)."""
+        roots = sharding.sharded_roots(self)
+        if not roots:  # DDP (no_sync) or a single device (nothing to do)
+            with self.optimizers().toggle_model(sync_grad=False):
+                yield
+            return
+        for root in roots:
+            root.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            for root in roots:
+                root.set_requires_gradient_sync(True)
 
     def _optimizer_step(self, opt: Any) -> None:
         """Step (clipping happens in on_before_optimizer_step), zero the gradient, move the schedule, log."""
@@ -290,14 +302,24 @@ class TrainingModule(L.LightningModule):
     def configure_model(self) -> None:
         if self._option("channels_last"):
             self.model.to(memory_format=torch.channels_last)
+        sharded = self._trainer is not None and sharding.is_sharded(self.trainer.strategy)
+        if sharded and not sharding.sharded_roots(self):  # configure_model runs again for validate / test
+            self.shard(self.device_mesh["data_parallel"])
         if self._option("compile") and not getattr(self.model, "_compiled_call_impl", None):
             self.model.compile()  # in place: state-dict keys keep their names
 
+    def shard(self, mesh: Any) -> None:
+        """FSDP2: shard every network the step trains (see ``masksub_lightning.training.sharding``).
+
+        Every trainable parameter must end up under a sharded root, or its gradient would not be reduced.
+        """
+        sharding.shard_network(self.model, mesh)
+
     def setup(self, stage: str) -> None:
-        if stage == "fit" and isinstance(self.trainer.strategy, FSDPStrategy):
+        if isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError(
                 "strategy 'fsdp' (FSDPStrategy, FSDP1) cannot run a backward inside training_step under manual "
-                "optimization; use DDP (--trainer.strategy ddp)"
+                "optimization; use --trainer.strategy fsdp2 (FSDP2) or ddp"
             )
 
     def configure_optimizers(self) -> dict[str, Any]:
