@@ -202,15 +202,18 @@ def default_loggers(save_dir: str = "runs", name: str = "masksub") -> list[Any]:
 def is_setup_error(err: BaseException) -> bool:
     """Whether ``err`` is a mistake in the inputs found before any batch ran (then it is shown as one line).
 
-    Value, type, key and path errors, Lightning's MisconfigurationException and a state dict that does not fit the
-    model count, unless a frame of a ``*_step`` method or of batch fetching is on the traceback (a bug or bad
+    Value, type, key and path errors, a refused (unsafe) pickle, Lightning's MisconfigurationException and a state
+    dict that does not fit the model count, unless a frame of a ``*_step`` method or of batch fetching is on the traceback (a bug or bad
     sample met while training keeps its traceback), or ``MASKSUB_TRACEBACK`` is set.
     """
     if os.environ.get("MASKSUB_TRACEBACK", "").strip() not in ("", "0"):
         return False
+    import pickle
+
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     kinds = (
+        pickle.UnpicklingError,  # a weights file refused by weights_only loading (pretrained_weights, at fit set-up)
         ValueError,
         TypeError,
         KeyError,

@@ -374,6 +374,21 @@ def test_malicious_checkpoint_is_refused_before_it_runs_code(trained_run, tmp_pa
     assert not marker.exists()
 
 
+def test_unsafe_pretrained_weights_are_one_line_too(trained_run, tmp_path, capsys):
+    _, last = trained_run
+    marker = tmp_path / "pwned"
+    evil = _weights_only(last, tmp_path).with_name("evil.pth")
+    torch.save(
+        {"model": torch.load(tmp_path / "weights.pth", weights_only=True), "x": _Payload(marker)}, evil
+    )
+    args = ["fit", "--config", str(QUICKSTART), *FAST, f"--model.init_args.pretrained_weights={evil}"]
+    line = _fails(args, capsys, tmp_path)
+    assert line.startswith(
+        f"masksub: error: Refused to load {evil}: it holds objects other than tensors and plain containers"
+    )
+    assert not marker.exists()
+
+
 def _image_folder(root: Path, empty_class: bool = False) -> Path:
     for split in ("train", "val"):
         for name in ("a", "b"):
