@@ -90,6 +90,7 @@ def make_module(kind: str) -> L.LightningModule:
         decoder_depth=1,
         decoder_num_heads=2,
         lr_base_batch_size=None,
+        export_on_fit_end=False,
         optimizer="sgd",  # AdamW would turn 1e-6 rounding differences of near-zero gradients into lr-sized steps
         **common,
     )
