@@ -139,3 +139,18 @@ def test_gpu_throughput_refuses_to_run_on_cpu_without_smoke(monkeypatch, capsys)
     assert gpu_throughput.main(["--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "needs a CUDA device" in err and "--smoke" in err
+
+
+def test_sharded_memory_counts_the_states_of_ddp_and_fsdp2():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    footprint = importlib.import_module("sharded_memory").footprint
+    import timm
+
+    params = sum(p.numel() for p in timm.create_model("vit_tiny_patch16_224").parameters())
+    one, eight = footprint("vit_tiny_patch16_224", 1), footprint("vit_tiny_patch16_224", 8)
+    assert one["parameters"] == params and one["blocks"] == 12  # ViT-Ti: 12 blocks
+    assert one["ddp_bytes"] == 16 * params  # fp32 weight, gradient and two AdamW moments
+    assert one["fsdp2_state_bytes"] == one["ddp_bytes"]  # one rank holds everything
+    # 8 ranks: an eighth of each unit, rounded up per unit (13 units: at most 13 extra elements x 16 bytes).
+    assert 0 <= eight["fsdp2_state_bytes"] - eight["ddp_bytes"] / 8 <= 13 * 16
+    assert footprint("vit_tiny_patch16_224", 8, "sgd_nomomentum")["ddp_bytes"] == 8 * params
