@@ -26,6 +26,7 @@ Three pieces, all plugged in by the ``masksub`` command and usable with your own
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import re
@@ -53,8 +54,10 @@ __all__ = [
     "AlwaysLastCheckpoint",
     "AtomicCheckpointIO",
     "CheckpointLoadError",
+    "CheckpointSpaceError",
     "OutputDirError",
     "check_output_dir",
+    "checkpoint_size_estimate",
     "load_checkpoint_file",
     "load_from_checkpoint",
     "remove_stale_temp_files",
@@ -72,6 +75,20 @@ class CheckpointLoadError(ValueError):
 
 class OutputDirError(ValueError):
     """A log or checkpoint directory cannot be written, or has no room for a checkpoint."""
+
+
+class CheckpointSpaceError(OSError):
+    """The disk filled up while a checkpoint was written; the partial file is gone, ``path`` is untouched."""
+
+    def __init__(self, path: str) -> None:
+        previous = (
+            "previous checkpoint intact" if os.path.exists(path) else "no previous checkpoint at that path"
+        )
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left on device writing {path}; {previous} (the partial file was removed): free space there "
+            "or set checkpoint.dirpath to a larger drive, then resume from the last checkpoint",
+        )
 
 
 # --------------------------------------------------------------------------------------------------- writing
@@ -108,11 +125,22 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if _out_of_space(err):
+            raise CheckpointSpaceError(path) from err
         raise
     _fsync_dir(dirpath)
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """A full disk, as the OS reports it or as torch's zip writer does (it checks positions, not errno)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(err, RuntimeError) and any(
+        text in str(err) for text in ("unexpected pos", "No space left")
+    )
 
 
 def remove_stale_temp_files(dirpath: str | os.PathLike, max_age_s: float = 24 * 3600) -> list[str]:
@@ -232,6 +260,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         try:
             atomic_torch_save(checkpoint, path)
+        except CheckpointSpaceError:
+            raise
         except OSError as err:
             raise OSError(
                 err.errno,
@@ -310,7 +340,8 @@ def check_output_dir(path: str | os.PathLike, what: str, need_bytes: int = 0) ->
     free = shutil.disk_usage(target).free
     if free < need_bytes:
         raise OutputDirError(
-            f"{what} {text} has {_size(free)} free but a checkpoint needs at least {_size(need_bytes)}"
+            f"{what} {text} has {_size(free)} free but a checkpoint of this run takes about {_size(need_bytes)} "
+            "(weights, optimizer state and any EMA copy)"
         )
 
 
@@ -330,6 +361,47 @@ def checkpoint_size_lower_bound(module: torch.nn.Module) -> int:
     return total
 
 
+#: Optimizer state per trainable parameter, in float32 copies of it: a momentum buffer is one; Adam-style first
+#: and second moments (adamw, lamb, ...) are two, which is also assumed for optimizers not listed.
+_OPTIMIZER_STATE_COPIES = {"sgd": 1, "momentum": 1, "nesterov": 1, "sgdp": 1, "sgdw": 1, "lion": 1}
+#: What a checkpoint spends per tensor besides its bytes: its zip record (header, name, 64-byte alignment) and
+#: pickle entry, and for optimizer state a step counter.
+_BYTES_PER_TENSOR = 320
+#: The rest of a training checkpoint: loop counters, hyperparameters, callback and RNG states.
+_BYTES_FIXED = 16 * 1024
+
+
+def checkpoint_size_estimate(module: torch.nn.Module, callbacks: Any = ()) -> int:
+    """Bytes a training checkpoint of ``module`` is expected to take (checked against the free space up front).
+
+    Weights plus optimizer state (float32 copies of the trainable parameters: two for AdamW, one for SGD with
+    momentum; the optimizer named by the module's ``optimizer`` hyperparameter) plus, with an EMA callback among
+    ``callbacks``, a second copy of the weights (Lightning keeps the averaged and the current ones).
+    """
+    weights, tensors = checkpoint_size_lower_bound(module), len(module.state_dict())
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    copies = _optimizer_state_copies(getattr(module, "hparams", None) or {})
+    state = copies * sum(4 * p.numel() for p in trainable)
+    tensors += (copies + 1) * len(trainable) if copies else 0
+    if any(_is_weight_averaging(cb) for cb in callbacks or ()):
+        weights, tensors = 2 * weights, tensors + len(module.state_dict())
+    return weights + state + _BYTES_PER_TENSOR * tensors + _BYTES_FIXED
+
+
+def _optimizer_state_copies(hparams: Any) -> int:
+    name = str(hparams.get("optimizer", "")).lower()
+    momentum = (hparams.get("optimizer_kwargs") or {}).get("momentum")
+    if name in _OPTIMIZER_STATE_COPIES and momentum == 0:
+        return 0  # plain SGD keeps no state
+    return _OPTIMIZER_STATE_COPIES.get(name, 2)
+
+
+def _is_weight_averaging(callback: Any) -> bool:
+    """Lightning's EMAWeightAveraging (any WeightAveraging) or another callback named for an EMA."""
+    names = [cls.__name__ for cls in type(callback).__mro__]
+    return "WeightAveraging" in names or any("EMA" in name for name in names)
+
+
 # ------------------------------------------------------------------------------------------------- callback
 class AlwaysLastCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` (``save_last=True``) is rewritten at every save point.
@@ -340,8 +412,8 @@ class AlwaysLastCheckpoint(ModelCheckpoint):
     training when steps were taken since the last save (``max_steps`` or ``max_time`` ending mid-epoch). Resuming
     from ``last.ckpt`` therefore continues where the run stopped.
 
-    Before training, the checkpoint directory is checked (created, written, enough free space for the model's
-    weights) and leftovers of interrupted :class:`AtomicCheckpointIO` saves are removed. The state key is the
+    Before training, the checkpoint directory is checked (created, written, enough free space for a checkpoint:
+    :func:`checkpoint_size_estimate`) and leftovers of interrupted :class:`AtomicCheckpointIO` saves are removed. The state key is the
     plain ``ModelCheckpoint``'s, so checkpoints of either class resume with the other.
     """
 
@@ -360,7 +432,8 @@ class AlwaysLastCheckpoint(ModelCheckpoint):
             and not trainer.fast_dev_run
         ):
             try:
-                check_output_dir(self.dirpath, "checkpoint directory", checkpoint_size_lower_bound(pl_module))
+                need = checkpoint_size_estimate(pl_module, trainer.callbacks)
+                check_output_dir(self.dirpath, "checkpoint directory", need)
                 remove_stale_temp_files(self.dirpath)
             except OutputDirError as err:
                 problem = str(err)

@@ -445,7 +445,7 @@ def _cli_class() -> type:
         CheckpointLoadError,
         OutputDirError,
         check_output_dir,
-        checkpoint_size_lower_bound,
+        checkpoint_size_estimate,
         load_checkpoint_file,
     )
 
@@ -589,7 +589,7 @@ def _cli_class() -> type:
                         check_output_dir(log_dir, f"log directory ({type(logger).__name__})")
                 ckpt = self.trainer.checkpoint_callback
                 if self.subcommand == "fit" and ckpt is not None and ckpt.dirpath is not None:
-                    need = checkpoint_size_lower_bound(self.model)
+                    need = checkpoint_size_estimate(self.model, self.trainer.callbacks)
                     check_output_dir(ckpt.dirpath, "checkpoint directory (checkpoint.dirpath)", need)
             except OutputDirError as err:
                 raise ConfigError(str(err)) from err
