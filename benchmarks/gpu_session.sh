@@ -214,7 +214,7 @@ for name, fn in sorted(vars(test_gpu).items()):
     for case in getattr(fn, "cases", [()]):
         L.seed_everything(0, verbose=False)
         try:
-            fn(*case)
+            fn(*(case if isinstance(case, tuple) else (case,)))
             passed += 1
             print("PASSED", name, case[0] if case else "")
         except Exception:
@@ -225,9 +225,16 @@ print(f"{passed} passed, {failed} failed (fallback runner, no pytest)")
 sys.exit(1 if failed else 0)
 '
 if [ "${GPU_SESSION_NO_PYTEST:-0}" != 1 ] && "$PY" -c "import pytest" >/dev/null 2>&1; then
-    run gpu_tests 90 20 "$PY" -m pytest -m gpu tests/test_gpu.py -x -q -p no:cacheprovider
+    run gpu_tests 90 20 "$PY" -m pytest -m gpu tests/test_gpu.py -k "not recipe_smoke" -x -q -p no:cacheprovider
 else
     run gpu_tests 90 20 "$PY" -c "$GPU_TEST_FALLBACK"
+fi
+
+# ---- 1b. recipe smoke (~1-3 min): 3 steps of each family in its recipe's precision: 16-mixed with a real
+# GradScaler and clipping (Swin), bf16 + compile (DeiT-III), channels-last (RSB), layer decay + accumulation
+# (fine-tunes), MAE and LUT pre-training.
+if [ "${GPU_SESSION_NO_PYTEST:-0}" != 1 ] && "$PY" -c "import pytest" >/dev/null 2>&1; then
+    run recipe_smoke 200 60 "$PY" -m pytest -m gpu tests/test_gpu.py -k recipe_smoke -q -p no:cacheprovider
 fi
 
 # A model whose throughput run timed out (compilation too slow) runs eager in steps 3 and 4.
