@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch.nn.functional as F
-from timm.loss import SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from torch import Tensor
 
 LossKind = Literal["ce", "bce"]
@@ -43,6 +43,10 @@ class MaskSubLoss:
         self.kind = kind
         self.label_smoothing = label_smoothing
         self.bce_target_threshold = bce_target_threshold
+        # timm's BCE: index targets one-hot (no smoothing), then binarised with `> threshold` when one is set; the
+        # sub-branch's sigmoid targets are never thresholded.
+        self._bce_main = BinaryCrossEntropy(smoothing=0.0, target_threshold=bce_target_threshold)
+        self._bce_sub = BinaryCrossEntropy(smoothing=0.0)
 
     def __repr__(self) -> str:
         return f"MaskSubLoss(kind={self.kind!r}, label_smoothing={self.label_smoothing})"
@@ -54,12 +58,7 @@ class MaskSubLoss:
             if target.is_floating_point():
                 return soft_cross_entropy(logits, target.float())
             return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
-        if not target.is_floating_point():
-            target = F.one_hot(target, logits.shape[-1])
-        target = target.float()
-        if self.bce_target_threshold is not None:
-            target = (target > self.bce_target_threshold).float()
-        return F.binary_cross_entropy_with_logits(logits, target)
+        return self._bce_main(logits, target.float() if target.is_floating_point() else target)
 
     def sub_target(self, main_logits: Tensor) -> Tensor:
         """The sub-branch's soft target: softmax (CE) or sigmoid (BCE) of the detached main logits, float32."""
@@ -71,7 +70,7 @@ class MaskSubLoss:
         logits = logits.float()
         if self.kind == "ce":
             return soft_cross_entropy(logits, soft_target)
-        return F.binary_cross_entropy_with_logits(logits, soft_target)
+        return self._bce_sub(logits, soft_target)
 
 
 #: Mean over the batch of ``-sum_c target_c * log_softmax(logits)_c`` (timm's own implementation).
