@@ -48,7 +48,7 @@ def test_training_step_has_no_host_synchronisation(model, kwargs, size):
 TINY_SWIN = dict(img_size=64, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
 RN = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 32), stem_width=8)
 PRE = dict(model="vit_small_patch16_224", model_kwargs=tiny_vit_kwargs(), decoder_dim=16, decoder_depth=1)
-PRE.update(decoder_num_heads=2, lr_base_batch_size=None, warmup_epochs=0)
+PRE.update(decoder_num_heads=2, lr_base_batch_size=None, warmup_epochs=0, export_on_fit_end=False)
 
 
 def _recipe_like(family: str):
