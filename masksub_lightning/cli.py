@@ -447,10 +447,20 @@ def _cli_class() -> type:
         check_output_dir,
         checkpoint_size_estimate,
         load_checkpoint_file,
+        remove_stale_temp_files,
     )
 
     class MaskSubCLI(LightningCLI):
         """LightningCLI with the data's class count linked into the model, safe checkpoints and one-line errors."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._new_run_dirs: list[Path] = []  # log / checkpoint folders this process created (at set-up)
+            try:
+                super().__init__(*args, **kwargs)
+            except Exception as err:
+                if isinstance(err, ConfigError) or is_setup_error(err):
+                    remove_unused_run_dirs(self._new_run_dirs)
+                raise
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -572,25 +582,53 @@ def _cli_class() -> type:
             super().after_instantiate_classes()
             if self.subcommand is None:
                 return
+            self._check_class_counts()
             check_data_fits_model(self.model, self.datamodule)
-            ckpt_classes = getattr(self, "_ckpt_hparams", {}).get("num_classes")
+            if not self.trainer.is_global_zero or getattr(self.trainer, "fast_dev_run", False):
+                return
+            self._check_output_dirs()
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            if self.subcommand == "fit" and ckpt_path and Path(str(ckpt_path)).is_file():
+                # A killed run's temporary file lies next to the checkpoint it was replacing; the resumed run
+                # writes into a new version folder, whose own clean-up never looks there.
+                remove_stale_temp_files(Path(str(ckpt_path)).parent)
+
+        def _check_class_counts(self) -> None:
+            """The data's class count against a num_classes the user gave and against the checkpoint's head."""
             n_data = getattr(self.datamodule, "num_classes", None)
-            if isinstance(ckpt_classes, int) and isinstance(n_data, int) and ckpt_classes != n_data:
+            if not isinstance(n_data, int):
+                return
+            given = _subset(self._given.get(self.subcommand), "model") if self._given is not None else {}
+            given = given.get("init_args", given).get("num_classes")
+            if isinstance(given, int) and given != n_data:
+                # The link data.num_classes -> model.init_args.num_classes would replace it without a word.
+                raise ConfigError(
+                    f"model.init_args.num_classes={given} but the data has {n_data} classes "
+                    f"(data.num_classes, which sets the model's): drop num_classes, or use data with {given} classes"
+                )
+            ckpt_classes = getattr(self, "_ckpt_hparams", {}).get("num_classes")
+            if isinstance(ckpt_classes, int) and ckpt_classes != n_data:
                 raise ConfigError(
                     f"the checkpoint {self.config[self.subcommand].get('ckpt_path')} has a {ckpt_classes}-class "
                     f"head but data.num_classes={n_data}"
                 )
-            if not self.trainer.is_global_zero or getattr(self.trainer, "fast_dev_run", False):
-                return
+
+        def _check_output_dirs(self) -> None:
+            """Log and checkpoint folders writable, with room for a checkpoint; remembers the ones it creates."""
+            folders = []  # (path, what it is, bytes it needs free)
+            for logger in self.trainer.loggers:
+                path = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+                if path:
+                    folders.append((path, f"log directory ({type(logger).__name__})", 0))
+            ckpt = self.trainer.checkpoint_callback
+            if self.subcommand == "fit" and ckpt is not None and ckpt.dirpath is not None:
+                need = checkpoint_size_estimate(self.model, self.trainer.callbacks)
+                folders.append((ckpt.dirpath, "checkpoint directory (checkpoint.dirpath)", need))
             try:
-                for logger in self.trainer.loggers:
-                    log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
-                    if log_dir:
-                        check_output_dir(log_dir, f"log directory ({type(logger).__name__})")
-                ckpt = self.trainer.checkpoint_callback
-                if self.subcommand == "fit" and ckpt is not None and ckpt.dirpath is not None:
-                    need = checkpoint_size_estimate(self.model, self.trainer.callbacks)
-                    check_output_dir(ckpt.dirpath, "checkpoint directory (checkpoint.dirpath)", need)
+                for path, what, need in folders:
+                    if not Path(path).exists():
+                        self._new_run_dirs.append(Path(path))
+                    check_output_dir(path, what, need)
             except OutputDirError as err:
                 raise ConfigError(str(err)) from err
 
@@ -607,6 +645,26 @@ def _cli_class() -> type:
 
     MaskSubCLI.__qualname__ = "MaskSubCLI"
     return MaskSubCLI
+
+
+#: What a run writes into its folder while it sets up (the resolved config, a logger's hyperparameters).
+_SETUP_FILES = frozenset({"config.yaml", "hparams.yaml"})
+
+
+def remove_unused_run_dirs(folders: list[Path]) -> None:
+    """Delete run folders a failed set-up created and left holding nothing but its own config (deepest first).
+
+    Only folders given here (ones this process created) and only when no file other than :data:`_SETUP_FILES`
+    is in them, directly: empty sub-folders (``checkpoints/``) go too.
+    """
+    import shutil
+
+    for folder in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
+        if not folder.is_dir():
+            continue
+        files = [p for p in folder.rglob("*") if not p.is_dir()]
+        if all(p.parent == folder and p.name in _SETUP_FILES for p in files):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _not_a_lightning_checkpoint(path: str, subcommand: str) -> str:

@@ -469,6 +469,10 @@ SETUP_ERRORS = {
         ],
         r"has a 10-class head but data.num_classes=2",
     ),
+    "num_classes given": (
+        lambda tmp, last: ["--model.init_args.num_classes=5"],
+        r"model.init_args.num_classes=5 but the data has 10 classes \(data.num_classes, which sets the model's\)",
+    ),
     "image size": (
         lambda tmp, last: ["--data.init_args.img_size=64"],
         r"data img_size=64 but the model vit_tiny_patch16_224 takes 32x32 images",
@@ -502,6 +506,35 @@ def test_setup_errors_end_in_one_line_and_exit_2(case, trained_run, tmp_path, ca
     args = ["fit", "--config", str(QUICKSTART), *FAST, *make_args(tmp_path, trained_run[1])]
     line = _fails(args, capsys, tmp_path)
     assert re.search(expected, line), line
+    assert not list(tmp_path.glob("runs/*/version_*"))  # no empty run folder left behind
+
+
+def test_a_failed_set_up_removes_only_the_run_folder_it_created(trained_run, tmp_path, capsys):
+    earlier = tmp_path / "runs" / "quickstart" / "version_0"
+    (earlier / "checkpoints").mkdir(parents=True)  # another run's, empty: not this process's to remove
+    bad_ckpt = ["--ckpt_path", str(_bad_ckpt(trained_run[1], tmp_path))]  # fails after config.yaml is written
+    _fails(["fit", "--config", str(QUICKSTART), *FAST, *bad_ckpt], capsys, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "runs" / "quickstart").iterdir()) == ["version_0"]
+    assert (earlier / "checkpoints").is_dir()
+
+
+def test_resuming_clears_a_killed_runs_temporary_file_next_to_the_checkpoint(trained_run, tmp_path, capsys):
+    from masksub_lightning.checkpointing import _HOST, TMP_SUFFIX
+
+    folder = tmp_path / "old_run"
+    folder.mkdir()
+    last = folder / "last.ckpt"
+    last.write_bytes(trained_run[1].read_bytes())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = folder / f".last.ckpt.{_HOST}-{dead.pid}-abcd1234{TMP_SUFFIX}"  # what a SIGKILL mid-save leaves
+    live = folder / f".last.ckpt.{_HOST}-{os.getpid()}-abcd1234{TMP_SUFFIX}"  # a running save: kept
+    stale.write_bytes(b"\0" * 1000)
+    live.write_bytes(b"\0" * 1000)
+    with _cwd(tmp_path):  # the same settings: the run is complete, so this restores and ends
+        main(["fit", "--config", str(QUICKSTART), *FAST, "--ckpt_path", str(last)])
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints").is_dir()  # it wrote elsewhere
 
 
 @pytest.mark.skipif(not Path("/sys").is_dir() or os.geteuid() != 0, reason="needs Linux /sys as root")
