@@ -366,7 +366,8 @@ def check_data_fits_model(model: Any, datamodule: Any) -> None:
     * timm ViT-style models (``patch_embed.img_size`` with a strict size) take exactly their ``img_size``, and any
       patch-embedding model needs a multiple of its patch size (unless it pads dynamically);
     * the model's ``num_classes`` and head width must equal ``data.num_classes``, which also sizes the Mixup /
-      CutMix / label-smoothing targets.
+      CutMix / label-smoothing targets;
+    * the sub-branch must be able to mask images of that size (``SubBranch.check_image_size``: pixel cells tile it).
 
     Raises:
         ConfigError: naming both values and the option to change.
@@ -392,6 +393,12 @@ def check_data_fits_model(model: Any, datamodule: Any) -> None:
                 f"the model's classifier has {head} outputs but data.num_classes={n_data}{soft}"
             )
     img = getattr(datamodule, "img_size", None)
+    check_image_size = getattr(getattr(model, "sub_branch", None), "check_image_size", None)
+    if isinstance(img, int) and callable(check_image_size):
+        try:
+            check_image_size(img, net)  # the pixel-mask kinds' cells must tile the image
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     embed = getattr(net, "patch_embed", None)
     if not isinstance(img, int) or getattr(embed, "img_size", None) is None:
         return

@@ -168,6 +168,10 @@ class SubBranch:
     def teardown(self, model: nn.Module) -> None:
         """Remove everything :meth:`setup` installed on ``model`` (a no-op for kinds that install nothing)."""
 
+    def check_image_size(self, image_size: int | tuple[int, int], model: nn.Module | None = None) -> None:
+        """Raise a ValueError when this kind cannot perturb ``image_size`` images (the data's size, known at set-up,
+        before any batch; the masks of the pixel kinds must tile the image). The default accepts any size."""
+
     @contextlib.contextmanager
     def perturbed(self, model: nn.Module, images: Tensor) -> Iterator[Tensor]:
         """Context in which ``model`` is perturbed; yields the (possibly masked) images to feed it.
@@ -214,6 +218,12 @@ def _attribute_set(layers: list[Any], attr: str, value: float) -> Iterator[None]
     finally:
         for layer, old in zip(layers, saved):
             setattr(layer, attr, old)
+
+
+def _hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    return (
+        (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    )
 
 
 def _fixed_image_size(model: nn.Module) -> tuple[int, int] | None:
@@ -263,7 +273,8 @@ class PixelMaskSubBranch(SubBranch):
     ``cell_size``: with ``cell_size`` 32, 224 px images get 32 px cells (7 x 7, as in the paper), 32 px images
     (CIFAR) 16 px cells (2 x 2), 40 px images 20 px cells; 227 px images are rejected. A ValueError naming the
     image size and the cell sizes that fit is raised at ``setup`` when the model accepts only one input size (a
-    strict timm patch embedding), otherwise at the first call. :attr:`last_cell_size` is the side last used.
+    strict timm patch embedding), by :meth:`check_image_size` (``masksub`` calls it with the data's image size
+    before training), otherwise at the first call. :attr:`last_cell_size` is the side last used.
 
     Args:
         ratio: fraction of cells zeroed.
@@ -286,6 +297,9 @@ class PixelMaskSubBranch(SubBranch):
         if size is not None:
             self.cell_for(size)
 
+    def check_image_size(self, image_size: int | tuple[int, int], model: nn.Module | None = None) -> None:
+        self.cell_for(_hw(image_size))
+
     def cell_for(self, image_hw: tuple[int, int]) -> int:
         """The cell side used on ``image_hw`` images (see the class docstring); ValueError when none fits."""
         image_hw = (int(image_hw[0]), int(image_hw[1]))
@@ -297,8 +311,8 @@ class PixelMaskSubBranch(SubBranch):
                     f"{self.name}: cell_size={self.cell_size} cannot mask {image_hw[0]}x{image_hw[1]} images at "
                     f"ratio {self.ratio}: cells must tile the image exactly, number at least 4 and be at least "
                     f"half of cell_size ({(self.cell_size + 1) // 2} px). Cell sizes that tile "
-                    f"{image_hw[0]}x{image_hw[1]} into >= 4 cells: {fits or 'none'}; pass one as cell_size "
-                    f"(sub_branch_kwargs) or resize the images"
+                    f"{image_hw[0]}x{image_hw[1]} into >= 4 cells: {fits or 'none'}; set sub_branch_kwargs.cell_size "
+                    "to one of them or resize the images"
                 )
             self._cells[image_hw] = cell
         return self._cells[image_hw]
@@ -441,7 +455,7 @@ class MaskTokenSubBranch(SubBranch):
     Regions follow the cell size rule of :class:`PixelMaskSubBranch` on the token grid: they tile it exactly,
     number at least 4, and are the largest side ``<= cell_size`` (and at least half of it) that does; Swin at 224
     px gets 32 px regions (7 x 7 of 8 x 8 tokens). A ValueError names the sizes that fit, at ``setup`` for a strict
-    patch embedding, otherwise at the first call.
+    patch embedding, in :meth:`check_image_size` (the data's size, before training), otherwise at the first call.
 
     Args:
         ratio: fraction of regions replaced.
@@ -494,6 +508,11 @@ class MaskTokenSubBranch(SubBranch):
         if self.token_name in embed._parameters:
             delattr(embed, self.token_name)
 
+    def check_image_size(self, image_size: int | tuple[int, int], model: nn.Module | None = None) -> None:
+        embed = getattr(model, "patch_embed", None)
+        if embed is not None:  # the regions are counted in tokens: the stride is the model's
+            self.region_for(_hw(image_size), embed.patch_size[0])
+
     def region_for(self, image_hw: tuple[int, int], stride: int) -> int:
         """Region side in tokens on ``image_hw`` images at patch ``stride``; ValueError when none fits."""
         token_hw = (int(image_hw[0]) // stride, int(image_hw[1]) // stride)
@@ -505,7 +524,7 @@ class MaskTokenSubBranch(SubBranch):
                     f"{self.name}: cell_size={self.cell_size} cannot mask {image_hw[0]}x{image_hw[1]} images "
                     f"({token_hw[0]}x{token_hw[1]} tokens at stride {stride}) at ratio {self.ratio}: regions must "
                     f"tile the token grid exactly, number at least 4 and be at least half of cell_size. Cell sizes "
-                    f"that fit: {fits or 'none'}; pass one as cell_size (sub_branch_kwargs) or resize the images"
+                    f"that fit: {fits or 'none'}; set sub_branch_kwargs.cell_size to one of them or resize the images"
                 )
             self._regions[token_hw] = side
         return self._regions[token_hw]

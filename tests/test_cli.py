@@ -481,6 +481,15 @@ SETUP_ERRORS = {
         lambda tmp, last: [f"--model.init_args.model_kwargs={VIT_DYNAMIC}", "--data.init_args.img_size=36"],
         r"data img_size=36 is not a multiple of the model vit_tiny_patch16_224's patch size 8x8",
     ),
+    "pixel cells that cannot tile the image": (
+        lambda tmp, last: [
+            "--model.init_args.model=resnet18",
+            '--model.init_args.model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 32], "stem_width": 8}',
+            "--data.init_args.img_size=28",
+        ],
+        r"^masksub: error: pixel_mask: cell_size=32 cannot mask 28x28 images at ratio 0.5: .* Cell sizes that tile "
+        r"28x28 into >= 4 cells: \[14, 7, 4, 2\]; set sub_branch_kwargs.cell_size to one of them",
+    ),
     "log dir under a file": (
         lambda tmp, last: [
             "--trainer.logger=lightning.pytorch.loggers.CSVLogger",

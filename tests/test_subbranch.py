@@ -238,6 +238,22 @@ def test_cell_sizes_that_cannot_keep_the_ratio_are_rejected_with_the_sizes_that_
         build_sub_branch("mask", 0.5, model=vit(), cell_size=0)  # checked even where it is not used
 
 
+def test_the_image_size_is_checked_before_any_batch():
+    with pytest.raises(
+        ValueError,
+        match=r"^pixel_mask: cell_size=32 cannot mask 28x28 images at ratio 0.5: .*"
+        r"\[14, 7, 4, 2\]; set sub_branch_kwargs.cell_size to one of them",
+    ):
+        PixelMaskSubBranch(0.5, cell_size=32).check_image_size(28)
+    PixelMaskSubBranch(0.5, cell_size=14).check_image_size(28)  # one of the sizes named: accepted
+    with pytest.raises(
+        ValueError, match=r"cell_size=32 cannot mask 52x52 images \(13x13 tokens at stride 4\)"
+    ):
+        MaskTokenSubBranch(0.5, cell_size=32).check_image_size((52, 52), swin())
+    for kind in ("token_mask", "dropout", "none"):  # no cells: any size
+        build_sub_branch(kind, 0.5).check_image_size(37, vit())
+
+
 def test_mask_token_regions_follow_the_same_rule():
     model = swin()  # 64 px, stride 4: 16 x 16 tokens
     wide = MaskTokenSubBranch(0.5, cell_size=64)  # one 16-token region would cover the image: 8-token ones
