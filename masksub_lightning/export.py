@@ -14,6 +14,9 @@ Weights: with Lightning's ``EMAWeightAveraging`` the checkpoint's ``state_dict``
 ``current_model_state`` the raw ones; ``--ema`` / ``--raw`` choose, and the default takes the EMA weights when the
 checkpoint has them. (A checkpoint written after ``fit`` ended carries the EMA weights in ``state_dict`` without
 the raw copy, so it cannot be told apart from a run without EMA.) The checkpoint is read with ``weights_only=True``.
+
+An MAE / LUT pre-training checkpoint has an encoder and no classifier: ``masksub export`` writes that encoder as
+``OUT_DIR/encoder.pth`` (the released-MAE layout that ``--model.init_args.pretrained_weights`` loads).
 """
 
 from __future__ import annotations
@@ -44,6 +47,55 @@ def _load(path: Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ExportError(f"{path} is not a MaskSubModule checkpoint (no state_dict / hyper_parameters)")
     return ckpt
+
+
+#: Pre-training modules whose checkpoints hold an encoder to fine-tune from, not a classifier.
+_PRETRAINING_CLASSES = ("MAEModule", "LUTModule")
+
+
+def _pretraining_class(ckpt: dict[str, Any]) -> str | None:
+    """``MAEModule`` / ``LUTModule`` for a pre-training checkpoint (by the CLI's class path or by its decoder /
+    teacher weights, for a run trained from Python), else None."""
+    class_path = str((ckpt.get("hyper_parameters") or {}).get("_class_path", ""))
+    named = [name for name in _PRETRAINING_CLASSES if class_path.endswith(f".{name}")]
+    if named:
+        return named[0]
+    keys = ckpt["state_dict"].keys()
+    if any(k.startswith("teacher.") for k in keys):
+        return "LUTModule"
+    return "MAEModule" if any(k.startswith("decoder.") for k in keys) else None
+
+
+def _export_encoder(ckpt_path: Path, out: Path, weights: str) -> Path:
+    """The encoder of a pre-training checkpoint, in the released-MAE layout, as ``out/encoder.pth``."""
+    from masksub_lightning.pretraining import ENCODER_FILE, export_encoder
+
+    if weights != "auto":
+        raise ExportError(
+            f"--{weights} chooses between a classifier's EMA and raw weights; {ckpt_path} is a pre-training "
+            "checkpoint, whose encoder is exported as trained (drop the option)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return export_encoder(ckpt_path, out / ENCODER_FILE)
+
+
+def _misfit(model_state: dict[str, Any], state: dict[str, Any]) -> str | None:
+    """Why ``state`` does not load into a model with ``model_state``: the first key of each kind of problem."""
+    missing = [k for k in model_state if k not in state]
+    unexpected = [k for k in state if k not in model_state]
+    resized = [k for k in model_state if k in state and tuple(state[k].shape) != tuple(model_state[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), the first {missing[0]!r}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), the first {unexpected[0]!r}")
+    if resized:
+        k = resized[0]
+        problems.append(
+            f"{len(resized)} of another shape, the first {k!r}: {list(state[k].shape)} in the checkpoint, "
+            f"{list(model_state[k].shape)} in the model"
+        )
+    return "; ".join(problems) or None
 
 
 def _select_weights(ckpt: dict[str, Any], weights: str, path: Path) -> tuple[dict[str, Any], str]:
@@ -165,8 +217,12 @@ def export_checkpoint(
 ) -> Path:
     """Write the checkpoint's network as a timm model folder (see the module docstring); returns ``out_dir``.
 
+    An MAE / LUT pre-training checkpoint has no classifier: its encoder is written as ``out_dir/encoder.pth``
+    (``masksub_lightning.pretraining.export_encoder``, the file ``pretrained_weights`` loads), and that file is
+    returned.
+
     Args:
-        checkpoint: a MaskSubModule Lightning checkpoint (``.ckpt``), read with ``weights_only=True``.
+        checkpoint: a MaskSubModule (or MAEModule / LUTModule) Lightning checkpoint, read with ``weights_only=True``.
         out_dir: the folder to write; must be empty or absent unless ``overwrite``.
         weights: ``ema`` (error if there are none), ``raw``, or ``auto`` (EMA when the checkpoint has them).
         overwrite: replace the files of an existing export in ``out_dir``.
@@ -185,6 +241,8 @@ def export_checkpoint(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"OUT_DIR {str(out)!r} is not empty; choose another folder or pass --overwrite")
     ckpt = _load(ckpt_path)
+    if _pretraining_class(ckpt) is not None:
+        return _export_encoder(ckpt_path, out, weights)
     hp = dict(ckpt["hyper_parameters"])
     name = hp.get("model")
     if not isinstance(name, str):
@@ -197,12 +255,13 @@ def export_checkpoint(
     model_kwargs.pop("num_classes", None)
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
     state, kind = _select_weights(ckpt, weights, ckpt_path)
-    try:
-        model.load_state_dict(_network_state(state), strict=True)
-    except RuntimeError as err:
+    state = _network_state(state)
+    problem = _misfit(model.state_dict(), state)
+    if problem:
         raise ExportError(
-            f"the weights of {ckpt_path} do not fit {name}: {str(err).splitlines()[0]}"
-        ) from None
+            f"the weights of {ckpt_path} do not fit {name} as the checkpoint describes it: {problem}"
+        )
+    model.load_state_dict(state, strict=True)
     model.eval()
 
     run_dir = _run_dir(ckpt_path)
@@ -275,7 +334,11 @@ def main(argv: list[str] | None = None) -> None:
         description="Write a MaskSubModule checkpoint's network as a timm model folder (config.json, "
         "model.safetensors, README.md) that timm.create_model('local-dir:OUT_DIR', pretrained=True) loads.",
     )
-    parser.add_argument("checkpoint", metavar="CKPT", help="a Lightning checkpoint of a MaskSubModule run")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CKPT",
+        help="a Lightning checkpoint of a MaskSubModule (or MAE / LUT pre-training) run",
+    )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (empty or absent)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--ema", action="store_const", const="ema", dest="weights", help="the EMA weights")
@@ -286,6 +349,12 @@ def main(argv: list[str] | None = None) -> None:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.weights or "auto", args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"masksub export: error: {err}\n")
+    if out.is_file():  # a pre-training checkpoint's encoder
+        print(
+            f"exported the pre-trained encoder of {args.checkpoint} to {out} (timm key names, no decoder or "
+            f"classifier): fine-tune from it with --model.init_args.pretrained_weights {out}"
+        )
+        return
     print(
         f"exported {args.checkpoint} to {out} (load: timm.create_model('local-dir:{out}', pretrained=True))"
     )

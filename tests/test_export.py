@@ -163,3 +163,65 @@ def test_swin_mask_token_stays_out_of_the_export(tmp_path):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(rebuilt(images), module_from(ckpt)(images))
+
+
+def _pretraining_checkpoint(tmp_path, module, views: bool, class_path: str | None = None) -> Path:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    shape = (8, 2, 3, 32, 32) if views else (8, 3, 32, 32)
+    data = TensorDataset(torch.randn(*shape), torch.zeros(8, dtype=torch.long))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = quiet_trainer(
+        max_steps=1, callbacks=[checkpoint], enable_checkpointing=True, limit_val_batches=0
+    )
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    path = tmp_path / "ckpt" / "last.ckpt"
+    if class_path is not None:  # what `masksub fit` records: the checkpoint is recognised by it too
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["hyper_parameters"]["_class_path"] = class_path
+        torch.save(ckpt, path)
+    return path
+
+
+PRETRAINING = {"model": "vit_small_patch16_224", "model_kwargs": SHRUNK, "export_on_fit_end": False}
+DECODER = {"decoder_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
+
+
+@pytest.mark.parametrize("kind", ["MAEModule", "LUTModule"])
+def test_a_pre_training_checkpoint_exports_its_encoder(tmp_path, capsys, kind):
+    from masksub_lightning import pretraining
+    from masksub_lightning.pretrained import load_pretrained
+
+    if kind == "MAEModule":
+        module = pretraining.MAEModule(**PRETRAINING, **DECODER)
+        ckpt = _pretraining_checkpoint(tmp_path, module, views=False)
+    else:
+        module = pretraining.LUTModule(**PRETRAINING, **DECODER, proj_hidden_dim=32)
+        ckpt = _pretraining_checkpoint(tmp_path, module, views=True, class_path="masksub_lightning.LUTModule")
+    out = tmp_path / "exported"
+    cli_main(["export", str(ckpt), str(out)])
+    assert capsys.readouterr().out == (
+        f"exported the pre-trained encoder of {ckpt} to {out / 'encoder.pth'} (timm key names, no decoder or "
+        f"classifier): fine-tune from it with --model.init_args.pretrained_weights {out / 'encoder.pth'}\n"
+    )
+    encoder = torch.load(out / "encoder.pth", weights_only=True)["model"]
+    assert set(encoder) == set(module.model.state_dict())
+    classifier = timm.create_model("vit_small_patch16_224", num_classes=3, **SHRUNK)
+    report = load_pretrained(classifier, out / "encoder.pth")
+    assert not report.missing_encoder_keys and not report.unexpected_keys
+
+
+def test_weights_that_do_not_fit_name_the_first_missing_and_unexpected_key(tmp_path):
+    ckpt_path = train(
+        tmp_path, MaskSubModule("vit_tiny_patch16_224", 4, model_kwargs=SHRUNK, sub_branch="none")
+    )
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["state_dict"]["model.fc_norm.weight"] = ckpt["state_dict"].pop("model.norm.weight")
+    torch.save(ckpt, tmp_path / "renamed.ckpt")
+    with pytest.raises(ExportError) as raised:
+        export_checkpoint(tmp_path / "renamed.ckpt", tmp_path / "out")
+    assert str(raised.value) == (
+        f"the weights of {tmp_path / 'renamed.ckpt'} do not fit vit_tiny_patch16_224 as the checkpoint describes "
+        "it: 1 missing key(s), the first 'norm.weight'; 1 unexpected key(s), the first 'fc_norm.weight'"
+    )
