@@ -21,7 +21,7 @@ Reliability, on top of LightningCLI:
 * mistakes found before the first batch (bad values, missing or malformed data, an incompatible checkpoint, an
   unwritable output directory, an image size the model cannot take) end with one line ``masksub: error: ...`` and
   exit code 2; errors during training keep their traceback (``MASKSUB_TRACEBACK=1`` shows it for setup errors
-  too).
+  too), except a diverged loss and an unreadable image file, which end with one line and exit code 1.
 
 Lightning, jsonargparse and torch are imported only when a Lightning sub-command runs: ``masksub --help`` and
 ``masksub recipes`` answer without them.
@@ -141,13 +141,34 @@ def main(args: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"masksub: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except RuntimeError as err:
-        # The module's non-finite-loss guard stops a diverged run with a message naming the step and the last
-        # good checkpoint: that message is the whole story (exit 1: the run failed, the inputs were fine).
-        if type(err).__name__ != "NonFiniteLossError":
+    except (RuntimeError, FileNotFoundError) as err:
+        line = run_failure_line(err)
+        if line is None:
             raise
-        print(f"masksub: error: {err}", file=sys.stderr)
+        print(f"masksub: error: {line}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+#: Bad-sample errors whose message is the whole story (the file and the fix); a failing transform keeps its trace.
+_BAD_FILE_ERRORS = frozenset({"CorruptImageError", "ImageTooSmallError", "FileNotFoundError"})
+
+
+def run_failure_line(err: BaseException) -> str | None:
+    """The one line that tells all about a run that failed while training, or None (the traceback is kept).
+
+    Two failures qualify, with exit code 1 (the run failed; the options were fine): the non-finite-loss guard's
+    stop (naming the step and the last good checkpoint), and, unless ``MASKSUB_TRACEBACK`` is set, an image file
+    the data loader could not use under ``bad_samples: error`` (naming the file and the option that skips it;
+    from a loader worker the message is that worker's traceback, whose last line is the error's own).
+    """
+    if type(err).__name__ == "NonFiniteLossError":
+        return str(err)
+    lines = str(err).strip().splitlines()
+    if type(err).__name__ not in _BAD_FILE_ERRORS or not lines or "bad_samples: skip" not in lines[-1]:
+        return None
+    if os.environ.get("MASKSUB_TRACEBACK", "").strip() not in ("", "0"):
+        return None
+    return re.sub(r"^[\w.]+Error: ", "", lines[-1])
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> Any:

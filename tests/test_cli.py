@@ -401,6 +401,40 @@ def _image_folder(root: Path, empty_class: bool = False) -> Path:
     return root
 
 
+def test_a_truncated_training_image_ends_the_run_naming_it_and_the_skip_option(tmp_path):
+    root = _image_folder(tmp_path / "d")
+    bad = root / "train" / "a" / "cut.jpg"
+    Image.fromarray(np.full((40, 40, 3), 99, np.uint8)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:300])
+    data = [*_data("masksub_lightning.data.ImageFolderDataModule", root), "--data.num_workers=2"]
+    data.append("--data.batch_size=5")  # one batch of all five train images: the bad one is drawn
+    run = subprocess.run(
+        [sys.executable, "-m", "masksub_lightning.cli", "fit", "--config", str(QUICKSTART), *FAST, *data],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1  # found while training, in a loader worker: the run failed
+    assert "Traceback" not in run.stderr
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("masksub: error:")]
+    assert line.startswith(f"masksub: error: Cannot decode image file {bad}: ")
+    assert line.endswith("; to skip such files, set bad_samples: skip (--data.init_args.bad_samples skip)")
+    assert run.stderr.endswith(f"{line}\n")
+
+    traced = subprocess.run(  # MASKSUB_TRACEBACK=1: the traceback, whose last line is the same message
+        [sys.executable, "-m", "masksub_lightning.cli", "fit", "--config", str(QUICKSTART), *FAST, *data],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "MASKSUB_TRACEBACK": "1"},
+    )
+    assert traced.returncode == 1 and "Traceback" in traced.stderr
+    last = traced.stderr.strip().splitlines()[-1]
+    assert last == "masksub_lightning.data.datasets.CorruptImageError: " + line.removeprefix(
+        "masksub: error: "
+    )
+
+
 def _cub(root: Path) -> Path:
     base = root / "CUB_200_2011"
     (base / "images" / "001.a").mkdir(parents=True)

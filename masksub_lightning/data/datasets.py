@@ -45,6 +45,8 @@ class ImageTransformError(BadImageError):
 
 #: What a DataLoader raises for one unusable sample, and what ``bad_samples="skip"`` skips.
 BAD_SAMPLE_ERRORS = (BadImageError, FileNotFoundError)
+#: Appended to the message of a bad sample under ``bad_samples="error"``: the way to train on regardless.
+SKIP_HINT = "; to skip such files, set bad_samples: skip (--data.init_args.bad_samples skip)"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -68,22 +70,31 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file fully and return it as RGB.
+@contextlib.contextmanager
+def decoding(name: str | os.PathLike) -> Iterator[None]:
+    """Turn PIL's failures to open or decode the image ``name`` into one-line errors naming it.
+
+    The one place that does (files, undecoded files, streaming shards, reduced-size JPEG decoding).
 
     Raises:
         FileNotFoundError: the file is listed in the dataset's metadata but missing on disk.
-        CorruptImageError: the file cannot be decoded; the message names the file.
+        CorruptImageError: the file cannot be decoded (corrupt, truncated, not an image).
     """
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now, inside the try, so a truncated file fails here and not in a transform
-            return to_rgb(img)
+        yield
     except FileNotFoundError:
-        raise FileNotFoundError(f"Image file not found: {path}") from None
+        raise FileNotFoundError(f"Image file not found: {name}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        # PIL.UnidentifiedImageError and "image file is truncated" are both OSErrors.
-        raise CorruptImageError(f"Cannot decode image file {path}: {e}") from e
+        # PIL.UnidentifiedImageError and "image file is truncated" are both OSErrors. PIL's own traceback says
+        # nothing the message does not, so it is not chained.
+        raise CorruptImageError(f"Cannot decode image file {name}: {e}") from None
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file fully and return it as RGB (errors: see :func:`decoding`)."""
+    with decoding(path), Image.open(path) as img:
+        img.load()  # decode now, inside the handler, so a truncated file fails here and not in a transform
+        return to_rgb(img)
 
 
 def bad_label_indices(labels: Sequence[int], num_classes: int) -> list[int]:
@@ -168,12 +179,8 @@ class ImageListDataset(Dataset):
 
     def _load_undecoded(self, path: str, label: int) -> tuple[torch.Tensor, int]:
         """Open without decoding and let the transform decode (``fast_decode``: it picks a reduced JPEG size)."""
-        try:
+        with decoding(path):
             img = Image.open(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"Image file not found: {path}") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise CorruptImageError(f"Cannot decode image file {path}: {e}") from e
         with img:
             if min(img.size) < self.min_size:
                 raise ImageTooSmallError(
@@ -418,6 +425,7 @@ class SampleDataset(Dataset):
                     return self.dataset[index]
                 except BAD_SAMPLE_ERRORS as e:
                     if self.bad_samples == "error":
+                        _add_skip_hint(e)
                         raise
                     self._known_bad.add(index)
                     warnings.warn(f"Skipping a bad sample (bad_samples='skip'): {e}", stacklevel=2)
@@ -431,3 +439,12 @@ class SampleDataset(Dataset):
             f"{self.max_attempts} bad samples in a row while replacing one (bad_samples='skip'); most of the "
             f"dataset is unreadable. Last error: {last_error}"
         )
+
+
+def _add_skip_hint(err: BaseException) -> None:
+    """End the message of ``err`` with :data:`SKIP_HINT` (in place: its type, traceback and cause stay).
+
+    In a DataLoader worker torch re-raises the worker's exception with its formatted traceback as the message, so
+    this message is also the last line a training run prints.
+    """
+    err.args = (f"{err}{SKIP_HINT}",)

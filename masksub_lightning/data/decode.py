@@ -29,7 +29,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from masksub_lightning.data.datasets import CorruptImageError, to_rgb
+from masksub_lightning.data.datasets import decoding, to_rgb
 
 _RRC_TYPES = (RandomResizedCropAndInterpolation, T.RandomResizedCrop)
 
@@ -49,7 +49,7 @@ def decode(img: Image.Image, request: tuple[int, int] | None = None) -> tuple[Im
         CorruptImageError: the file cannot be decoded; the message names it.
     """
     scale = 1.0
-    try:
+    with decoding(getattr(img, "filename", "") or "<in-memory image>"):
         if request is not None and hasattr(img, "draft") and getattr(img, "_im", None) is None:
             width = img.size[0]
             drafted = img.draft(None, (max(1, request[0]), max(1, request[1])))
@@ -57,9 +57,6 @@ def decode(img: Image.Image, request: tuple[int, int] | None = None) -> tuple[Im
                 scale = width / drafted[1][2]
         img.load()
         return to_rgb(img), scale
-    except (OSError, SyntaxError, ValueError) as e:
-        name = getattr(img, "filename", "") or "<in-memory image>"
-        raise CorruptImageError(f"Cannot decode image file {name}: {e}") from e
 
 
 def _resized_size(op: T.Resize, width: int, height: int) -> tuple[int, int] | None:

@@ -40,10 +40,10 @@ from masksub_lightning.data.base import HParam, ImageClassificationDataModule, S
 from masksub_lightning.data.datasets import (
     ArrayImageDataset,
     BadImageError,
-    CorruptImageError,
     ImageListDataset,
     ImageTooSmallError,
     ImageTransformError,
+    decoding,
     to_rgb,
 )
 from masksub_lightning.data.decode import fast_decode_pipeline
@@ -325,10 +325,8 @@ class ShardImageDataset(Dataset):
         label = int(item["label"])
         if not 0 <= label < self.num_classes:
             raise BadImageError(f"{name}: label {label} is outside [0, {self.num_classes})")
-        try:
+        with decoding(name):
             img = Image.open(io.BytesIO(bytes(item["image"])))
-        except (OSError, SyntaxError, ValueError) as e:
-            raise CorruptImageError(f"Cannot decode image {name}: {e}") from e
         img.filename = name  # named in decode errors  # type: ignore[attr-defined]
         with img:
             if min(img.size) < self.min_size:
@@ -336,10 +334,8 @@ class ShardImageDataset(Dataset):
                     f"Image {name} is {img.width}x{img.height} px, smaller than min_image_size={self.min_size}"
                 )
             if not getattr(self.transform, "takes_unloaded_image", False):
-                try:
+                with decoding(name):
                     img.load()
-                except (OSError, SyntaxError, ValueError) as e:
-                    raise CorruptImageError(f"Cannot decode image {name}: {e}") from e
                 img = to_rgb(img)
             if self.transform is None:
                 return img, label

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,35 @@ def test_unreadable_image_raises_naming_the_file_in_workers_too(tmp_path, worker
     dm = ImageFolderDataModule(root=str(tmp_path), **{**SMALL, "num_workers": workers, "batch_size": 4})
     with pytest.raises(CorruptImageError, match=re.escape(str(truncated))):
         _epoch(dm)
+
+
+HINT = "; to skip such files, set bad_samples: skip (--data.init_args.bad_samples skip)"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_error_names_the_file_and_the_skip_option_in_its_last_line(tmp_path, workers):
+    truncated, _ = _damage(tmp_path)
+    (tmp_path / "train" / "eel" / "eel_1.png").unlink()  # the truncated JPEG is the one bad file
+    dm = ImageFolderDataModule(root=str(tmp_path), **{**SMALL, "num_workers": workers, "batch_size": 4})
+    with pytest.raises(CorruptImageError) as raised:
+        _epoch(dm)
+    # In a worker, torch's message is the worker's traceback: its last line is the one a training run ends with.
+    last = str(raised.value).splitlines()[-1]
+    assert re.fullmatch(
+        rf"(.*CorruptImageError: )?Cannot decode image file {re.escape(str(truncated))}: .+", last
+    )
+    assert last.endswith(HINT) and last.count(HINT) == 1
+
+
+def test_a_missing_file_names_the_skip_option_too(tmp_path):
+    write_image_folder(tmp_path)
+    dm = ImageFolderDataModule(root=str(tmp_path), **SMALL)
+    dm.setup("fit")
+    gone = dm.datasets["val"].samples[0][0]
+    Path(gone).unlink()
+    with pytest.raises(FileNotFoundError) as raised:
+        list(dm.val_dataloader())
+    assert str(raised.value) == f"Image file not found: {gone}{HINT}"
 
 
 def test_unreadable_val_image_raises_naming_the_file(tmp_path):
