@@ -482,7 +482,8 @@ SETUP_ERRORS = {
     ),
     "bad annotation label": (
         lambda tmp, last: _data("masksub_lightning.data.CUB200DataModule", _cub(tmp / "cub")),
-        r"001.a/y.jpg: label 299 is outside \[0, 2\)",
+        r"001.a/y.jpg: label 300 is outside \[1, 2\] \(1 bad label\(s\) in total; 1-based class ids, as in "
+        r".*cub/CUB_200_2011/image_class_labels.txt\)$",
     ),
     "checkpoint of another shape": (
         lambda tmp, last: ["--ckpt_path", str(_bad_ckpt(last, tmp))],

@@ -46,7 +46,41 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _bad_line(path: Path, lineno: int, line: str, expected: str) -> ValueError:
-    return ValueError(f"{path} line {lineno}: cannot parse {line!r} (expected {expected})")
+    return ValueError(f"{path}:{lineno}: cannot parse {line!r} (expected {expected})")
+
+
+def _int(value: Any, where: str, what: str) -> int:
+    """``value`` (a text field, a MATLAB number) as an int, or a ValueError naming ``where`` (``file:line``),
+    ``what`` it is and the value."""
+    try:
+        return int(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"{where}: {what} {value!r} is not a whole number") from None
+
+
+def _mat_ints(mat: dict, key: str, path: Path) -> np.ndarray:
+    """A MATLAB variable of integer labels / ids, or a ValueError naming the file, the variable and why."""
+    try:
+        return _mat_field(mat, key, path).astype(np.int64)
+    except (ValueError, TypeError) as e:  # numpy's message quotes the bad value
+        raise ValueError(f"{path}: {key!r} must hold whole numbers ({e})") from None
+
+
+def _from_one_based(
+    dm: ImageClassificationDataModule, split: Split, rows: list[tuple[str, int]], source: Path
+) -> list[Sample]:
+    """Samples from ``(image path, class id as the file writes it, 1..C)``: labels 0-based, and an id outside
+    1..C reported as written (ValueError, or left out with ``bad_samples="skip"``)."""
+    n = dm.num_classes
+    bad = [(path, label) for path, label in rows if not 1 <= label <= n]
+    for path, label in bad:
+        dm.report_bad(
+            split,
+            "out-of-range label(s)",
+            f"{path}: label {label} is outside [1, {n}] ({len(bad)} bad label(s) in total; 1-based class ids, as "
+            f"in {source})",
+        )
+    return [(path, label - 1) for path, label in rows if 1 <= label <= n]
 
 
 class Flowers102DataModule(ImageClassificationDataModule):
@@ -70,7 +104,7 @@ class Flowers102DataModule(ImageClassificationDataModule):
         path = self.require(
             self.find_dir("flowers-102", "setid.mat") / "imagelabels.mat", "labels", kind="file"
         )
-        return _mat_field(_read_mat(path), "labels", path).astype(np.int64), path
+        return _mat_ints(_read_mat(path), "labels", path), path
 
     def read_class_names(self) -> list[str]:
         labels, _ = self._labels()
@@ -78,16 +112,17 @@ class Flowers102DataModule(ImageClassificationDataModule):
 
     def read_samples(self, split: Split) -> list[Sample]:
         base = self.find_dir("flowers-102", "setid.mat")
-        labels, _ = self._labels()
+        labels, labels_path = self._labels()
         setid_path = self.require(base / "setid.mat", "split file", kind="file")
         setid = _read_mat(setid_path)
         keys = ("trnid", "valid") if split == "train" else ("tstid",)
-        ids = np.concatenate([_mat_field(setid, k, setid_path) for k in keys]).astype(np.int64)
+        ids = np.concatenate([_mat_ints(setid, k, setid_path) for k in keys])
         if ids.min() < 1 or ids.max() > len(labels):
             raise ValueError(
                 f"{setid_path}: image ids must lie in [1, {len(labels)}] (the size of imagelabels.mat)"
             )
-        return [(str(base / "jpg" / f"image_{i:05d}.jpg"), int(labels[i - 1]) - 1) for i in ids]
+        rows = [(str(base / "jpg" / f"image_{i:05d}.jpg"), int(labels[i - 1])) for i in ids]
+        return _from_one_based(self, split, rows, labels_path)
 
 
 class StanfordCarsDataModule(ImageClassificationDataModule):
@@ -124,12 +159,13 @@ class StanfordCarsDataModule(ImageClassificationDataModule):
         self.require(annos, "annotations", kind="file")
         self.require(images, "image folder", kind="dir")
         try:
-            return [
-                (str(images / str(a["fname"])), int(a["class"]) - 1)
-                for a in _mat_field(_read_mat(annos), "annotations", annos)
+            fields = [
+                (str(a["fname"]), a["class"]) for a in _mat_field(_read_mat(annos), "annotations", annos)
             ]
         except (ValueError, IndexError, KeyError) as e:  # a struct without fname / class fields
             raise ValueError(f"{annos}: 'annotations' needs 'fname' and 'class' fields ({e})") from e
+        rows = [(str(images / f), _int(c, f"{annos}: annotation of {f}", "class")) for f, c in fields]
+        return _from_one_based(self, split, rows, annos)
 
 
 class FGVCAircraftDataModule(ImageClassificationDataModule):
@@ -183,7 +219,7 @@ class FGVCAircraftDataModule(ImageClassificationDataModule):
                 self.report_bad(
                     split,
                     "line(s) with an unknown class",
-                    f"{path} line {lineno}: image {image_id}: class {label!r} is not in "
+                    f"{path}:{lineno}: image {image_id}: class {label!r} is not in "
                     f"{self._class_files[self.annotation_level]}",
                 )
                 continue
@@ -208,28 +244,33 @@ class OxfordIIITPetDataModule(ImageClassificationDataModule):
     def __init__(self, root: str, **kwargs: Any) -> None:
         super().__init__(root=root, **kwargs)
 
-    def _read_split(self, name: str) -> list[tuple[str, int]]:
+    def _split_path(self, name: str) -> Path:
         base = self.find_dir("oxford-iiit-pet", "annotations")
-        path = self.require(base / "annotations" / f"{name}.txt", "split file", kind="file")
+        return self.require(base / "annotations" / f"{name}.txt", "split file", kind="file")
+
+    def _read_split(self, name: str) -> list[tuple[str, int]]:
+        """(image id, class id as written: 1..37) per line."""
+        path = self._split_path(name)
         rows = []
         for lineno, line in enumerate(_read_lines(path), 1):
             parts = line.split()
-            if len(parts) < 2 or not parts[1].isdigit():
+            if len(parts) < 2:
                 raise _bad_line(path, lineno, line, "'<image id> <class id> <species> <breed id>'")
-            rows.append((parts[0], int(parts[1]) - 1))
+            rows.append((parts[0], _int(parts[1], f"{path}:{lineno}", "class id")))
         return rows
 
     def read_class_names(self) -> list[str]:
         # Breed names come from the image ids ("great_pyrenees_12" -> "Great Pyrenees"), as torchvision does.
         names: dict[int, str] = {}
-        for image_id, label in self._read_split("trainval") + self._read_split("test"):
-            names.setdefault(label, " ".join(p.title() for p in image_id.rsplit("_", 1)[0].split("_")))
-        return [names.get(k, str(k + 1)) for k in range(max(names) + 1)]
+        for image_id, class_id in self._read_split("trainval") + self._read_split("test"):
+            names.setdefault(class_id, " ".join(p.title() for p in image_id.rsplit("_", 1)[0].split("_")))
+        return [names.get(k, str(k)) for k in range(1, max(names) + 1)]
 
     def read_samples(self, split: Split) -> list[Sample]:
         images = self.find_dir("oxford-iiit-pet", "annotations") / "images"
-        rows = self._read_split("trainval" if split == "train" else "test")
-        return [(str(images / f"{image_id}.jpg"), label) for image_id, label in rows]
+        name = "trainval" if split == "train" else "test"
+        rows = [(str(images / f"{image_id}.jpg"), class_id) for image_id, class_id in self._read_split(name)]
+        return _from_one_based(self, split, rows, self._split_path(name))
 
 
 class Food101DataModule(ImageClassificationDataModule):
@@ -315,7 +356,7 @@ class DTDDataModule(ImageClassificationDataModule):
                     self.report_bad(
                         split,
                         "line(s) with an unknown class",
-                        f"{path} line {lineno}: class folder {cls!r} is not among the classes under images/",
+                        f"{path}:{lineno}: class folder {cls!r} is not among the classes under images/",
                     )
                     continue
                 samples.append((str(base / "images" / cls / file), index[cls]))
@@ -341,29 +382,37 @@ class CUB200DataModule(ImageClassificationDataModule):
     def __init__(self, root: str, **kwargs: Any) -> None:
         super().__init__(root=root, **kwargs)
 
-    def _table(self, name: str) -> dict[str, str]:
-        """A two-column text file as {first column: second column}."""
-        path = self.require(self.find_dir("CUB_200_2011", "images.txt") / name, "metadata file", kind="file")
-        table = {}
+    def _path(self, name: str) -> Path:
+        return self.require(self.find_dir("CUB_200_2011", "images.txt") / name, "metadata file", kind="file")
+
+    def _rows(self, name: str) -> list[tuple[str, str, str]]:
+        """A two-column text file as ``(file:line, first column, second column)`` rows."""
+        path = self._path(name)
+        rows = []
         for lineno, line in enumerate(_read_lines(path), 1):
             key, _, value = line.partition(" ")
             if not value:
                 raise _bad_line(path, lineno, line, "'<id> <value>'")
-            table[key] = value.strip()
-        return table
+            rows.append((f"{path}:{lineno}", key, value.strip()))
+        return rows
+
+    def _table(self, name: str) -> dict[str, str]:
+        """A two-column text file as {first column: second column}."""
+        return {key: value for _, key, value in self._rows(name)}
 
     def read_class_names(self) -> list[str]:
-        classes = self._table("classes.txt")
+        classes = {_int(key, where, "class id"): value for where, key, value in self._rows("classes.txt")}
         # Class ids are 1..200; label = id - 1. Names keep the "001." prefix of the folder names.
-        return [classes.get(str(k), str(k)) for k in range(1, max(int(k) for k in classes) + 1)]
+        return [classes.get(k, str(k)) for k in range(1, max(classes) + 1)]
 
     def read_samples(self, split: Split) -> list[Sample]:
         base = self.find_dir("CUB_200_2011", "images.txt")
-        images, labels, is_train = (
-            self._table(f) for f in ("images.txt", "image_class_labels.txt", "train_test_split.txt")
-        )
+        images, is_train = self._table("images.txt"), self._table("train_test_split.txt")
+        labels = {
+            key: _int(value, where, "class id") for where, key, value in self._rows("image_class_labels.txt")
+        }
         want = "1" if split == "train" else "0"
-        samples = []
+        rows = []
         for image_id, rel in images.items():
             if image_id not in labels or image_id not in is_train:
                 raise ValueError(
@@ -371,8 +420,8 @@ class CUB200DataModule(ImageClassificationDataModule):
                     "train_test_split.txt"
                 )
             if is_train[image_id] == want:
-                samples.append((str(base / "images" / rel), int(labels[image_id]) - 1))
-        return samples
+                rows.append((str(base / "images" / rel), labels[image_id]))
+        return _from_one_based(self, split, rows, self._path("image_class_labels.txt"))
 
 
 class StanfordDogsDataModule(ImageClassificationDataModule):
@@ -397,18 +446,20 @@ class StanfordDogsDataModule(ImageClassificationDataModule):
             self.find_dir("stanford_dogs", "train_list.mat") / f"{name}_list.mat", "list", kind="file"
         )
         mat = _read_mat(path)
-        files, labels = _mat_field(mat, "file_list", path), _mat_field(mat, "labels", path)
+        files, labels = _mat_field(mat, "file_list", path), _mat_ints(mat, "labels", path)
         if len(files) != len(labels):
             raise ValueError(f"{path}: {len(files)} files but {len(labels)} labels")
-        return [(str(f), int(y) - 1) for f, y in zip(files, labels)]
+        return [(str(f), int(y)) for f, y in zip(files, labels)]  # class ids as written: 1..120
 
     def read_class_names(self) -> list[str]:
-        # Breed folder names ("n02085620-Chihuahua") by label, from the train list's paths.
+        # Breed folder names ("n02085620-Chihuahua") by class id, from the train list's paths.
         names: dict[int, str] = {}
-        for file, label in self._read_list("train"):
-            names.setdefault(label, file.split("/", 1)[0])
-        return [names.get(k, str(k + 1)) for k in range(max(names) + 1)]
+        for file, class_id in self._read_list("train"):
+            names.setdefault(class_id, file.split("/", 1)[0])
+        return [names.get(k, str(k)) for k in range(1, max(names) + 1)]
 
     def read_samples(self, split: Split) -> list[Sample]:
-        images = self.find_dir("stanford_dogs", "train_list.mat") / "Images"
-        return [(str(images / f), y) for f, y in self._read_list("train" if split == "train" else "test")]
+        root = self.find_dir("stanford_dogs", "train_list.mat")
+        name = "train" if split == "train" else "test"
+        rows = [(str(root / "Images" / f), y) for f, y in self._read_list(name)]
+        return _from_one_based(self, split, rows, root / f"{name}_list.mat")

@@ -191,7 +191,7 @@ def test_skip_empty_class_folder_warns_and_counts(tmp_path):
 def test_skip_out_of_range_label_warns_counts_and_drops_the_entry(tmp_path):
     expected = write_cub200(tmp_path, bad_label=True)
     dm = CUB200DataModule(root=str(tmp_path), bad_samples="skip", **SMALL)
-    with pytest.warns(UserWarning, match=re.escape(f"{expected['bad_file']}: label 200 is outside [0, 200)")):
+    with pytest.warns(UserWarning, match=re.escape(f"{expected['bad_file']}: label 201 is outside [1, 200]")):
         dm.setup("fit")
     assert sorted(dm.datasets["train"].targets) == sorted(expected["labels"]["train"])
     assert dm.skipped_samples["train"] == {"out-of-range label(s)": 1}

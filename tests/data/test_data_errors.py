@@ -7,7 +7,16 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
-from fake_data import SMALL, write_cifar10, write_cub200, write_image, write_image_folder, write_inat_json
+from fake_data import (
+    SMALL,
+    write_cifar10,
+    write_cub200,
+    write_flowers102,
+    write_image,
+    write_image_folder,
+    write_inat_json,
+    write_oxford_pets,
+)
 from torch.utils.data import DataLoader
 
 from masksub_lightning.data import (
@@ -21,6 +30,7 @@ from masksub_lightning.data import (
     ImageFolderDataModule,
     ImageNetDataModule,
     INaturalistDataModule,
+    OxfordIIITPetDataModule,
     StanfordCarsDataModule,
 )
 
@@ -110,8 +120,76 @@ def test_label_out_of_range_is_named(tmp_path):
     expected = write_cub200(tmp_path, bad_label=True)  # class id 201 of 200
     dm = CUB200DataModule(root=str(tmp_path), **SMALL)
     assert dm.num_classes == 200
-    with pytest.raises(ValueError, match=re.escape(f"{expected['bad_file']}: label 200 is outside [0, 200)")):
+    with pytest.raises(ValueError) as raised:
         dm.setup("fit")
+    labels = tmp_path / "CUB_200_2011" / "image_class_labels.txt"
+    assert str(raised.value) == (  # as the file writes it: 1-based
+        f"{expected['bad_file']}: label 201 is outside [1, 200] (1 bad label(s) in total; 1-based class ids, as in "
+        f"{labels})"
+    )
+
+
+def test_a_pets_class_id_of_0_is_reported_as_written(tmp_path):
+    write_oxford_pets(tmp_path)
+    split = tmp_path / "oxford-iiit-pet" / "annotations" / "trainval.txt"
+    split.write_text(split.read_text().replace("Abyssinian_101 1 1 1", "Abyssinian_101 0 1 1"))
+    with pytest.raises(
+        ValueError, match=re.escape("Abyssinian_101.jpg: label 0 is outside [1, 3] (1 bad label(s)")
+    ):
+        OxfordIIITPetDataModule(root=str(tmp_path), **SMALL).setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("write", "cls", "file", "old", "new", "expected"),
+    [
+        (
+            write_cub200,
+            CUB200DataModule,
+            "CUB_200_2011/image_class_labels.txt",
+            "2 200\n",
+            "2 two hundred\n",
+            "image_class_labels.txt:2: class id 'two hundred' is not a whole number",
+        ),
+        (
+            write_cub200,
+            CUB200DataModule,
+            "CUB_200_2011/classes.txt",
+            "3 003.Bird_3\n",
+            "3x 003.Bird_3\n",
+            "classes.txt:3: class id '3x' is not a whole number",
+        ),
+        (
+            write_oxford_pets,
+            OxfordIIITPetDataModule,
+            "oxford-iiit-pet/annotations/test.txt",
+            "great_pyrenees_13 2 2 1",
+            "great_pyrenees_13 II 2 1",
+            "test.txt:2: class id 'II' is not a whole number",
+        ),
+    ],
+    ids=["cub-labels", "cub-classes", "pets"],
+)
+def test_a_non_numeric_label_names_the_file_line_and_text(tmp_path, write, cls, file, old, new, expected):
+    write(tmp_path)
+    path = tmp_path / file
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new))
+    with pytest.raises(ValueError) as raised:
+        cls(root=str(tmp_path), **SMALL).setup("fit")
+    assert str(raised.value) == f"{tmp_path / file.rsplit('/', 1)[0]}/{expected}"
+
+
+def test_a_non_numeric_mat_label_names_the_file_and_the_value(tmp_path):
+    import numpy as np
+    from scipy.io import savemat
+
+    write_flowers102(tmp_path)
+    path = tmp_path / "flowers-102" / "imagelabels.mat"
+    savemat(path, {"labels": np.array(["one", "two"], dtype=object)})
+    with pytest.raises(
+        ValueError, match=re.escape(f"{path}: 'labels' must hold whole numbers (") + ".*'one'"
+    ):
+        Flowers102DataModule(root=str(tmp_path), **SMALL).setup("fit")
 
 
 def test_cifar_label_out_of_range_and_corrupt_pickle(tmp_path):
