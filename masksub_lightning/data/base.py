@@ -206,8 +206,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     Args:
         root: dataset root directory (layout: see the subclass).
-        batch_size: batch size per device. Training drops the last incomplete batch (static shapes for
-            ``torch.compile``).
+        batch_size: batch size per device. A training epoch is a whole number of optimizer steps: the images
+            short of a full global batch (batch_size x devices x grad_accumulation) are left out, a different few
+            each epoch (static shapes for ``torch.compile``; the same epoch on any number of devices).
         num_workers: DataLoader worker processes per device.
         pin_memory: pin host memory (only when an accelerator is present).
         persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
@@ -239,7 +240,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         label_smoothing: label smoothing folded into the soft training targets. Any value > 0 (like Mixup /
             CutMix) makes training targets float ``(B, num_classes)``.
         repeated_aug: repeated augmentation: each sampled image appears this many times per epoch, spread over
-            ranks (3 for DeiT-III / RSB; 1 = off). Epoch length is unchanged.
+            ranks (3 for DeiT-III / RSB; 1 = off). Epoch length is unchanged (about N / repeated_aug distinct
+            images per epoch).
         channels_last: return images in ``torch.channels_last`` memory format (faster convnets on GPU).
         seed: seed of the training order and of every augmentation draw (see the module docstring).
         bad_samples: what to do with bad data. "error" (default): an empty class folder or a label outside
@@ -672,27 +674,55 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """Seeded, resumable sampler of this rank's training indices, yielding ``(index, sample_seed)`` keys.
 
         Always a DistributedSampler (even with ``repeated_aug=1``), so Lightning's ``use_distributed_sampler``
-        leaves it alone under DDP instead of wrapping and sharding it a second time.
+        leaves it alone under DDP instead of wrapping and sharding it a second time. An epoch is a whole number
+        of optimizer steps of the global batch (see :meth:`train_global_batch`), the same epoch on any number of
+        processes: a run resumes on another world size with the global batch kept.
         """
         world, rank = self._world()
         return RepeatedAugSampler(
-            dataset, self.repeated_aug, num_replicas=world, rank=rank, seed=self.seed, with_seeds=True
+            dataset,
+            self.repeated_aug,
+            num_replicas=world,
+            rank=rank,
+            seed=self.seed,
+            with_seeds=True,
+            global_batch=self.train_global_batch(len(dataset)),
         )
+
+    def train_global_batch(self, dataset_size: int) -> int:
+        """Training images per optimizer step over all processes: batch_size x world size x accumulation.
+
+        The accumulation is the attached module's ``grad_accumulation`` (or Lightning's
+        ``accumulate_grad_batches``). With less than one such step of data the epoch is counted in per-process
+        batches instead, so that the module's own check names ``grad_accumulation``.
+        """
+        world, _ = self._world()
+        micro = self.batch_size * world
+        step = micro * self._grad_accumulation()
+        return step if dataset_size >= step else micro
+
+    def _grad_accumulation(self) -> int:
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        hparams = getattr(module, "hparams", None) or {}
+        n = hparams.get("grad_accumulation", 1)
+        lightning = getattr(self.trainer, "accumulate_grad_batches", 1)
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (n, lightning))
+        return n * lightning if ok else 1  # a bad value is the module's to report
 
     def train_dataloader(self) -> TrainLoader:
         """A torchdata ``StatefulDataLoader``: its ``state_dict()`` (which Lightning checkpoints) resumes exactly.
 
         Raises:
-            ValueError: fewer training images per device than ``batch_size``.
+            ValueError: fewer training images than one batch on every device.
         """
         dataset = self._loader_dataset("train")
         sampler = self.train_sampler(dataset)
         if len(sampler) < self.batch_size:
             world, _ = self._world()
             raise ValueError(
-                f"{type(self).__name__}: the train split has {len(dataset)} images, i.e. {len(sampler)} per "
-                f"device with {world} device(s), fewer than batch_size={self.batch_size}; training drops "
-                "incomplete batches, so no batch would be left. Lower batch_size."
+                f"{type(self).__name__}: the train split has {len(dataset)} images, fewer than one batch on each "
+                f"of {world} device(s) (batch_size={self.batch_size}, {self.batch_size * world} images); training "
+                "drops incomplete batches, so no batch would be left. Lower batch_size."
             )
         # The worker base seed comes from `generator` (without one, from the global torch RNG, which this would
         # then move). Augmentations do not depend on it: each sample is seeded from its key.

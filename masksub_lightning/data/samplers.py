@@ -9,14 +9,23 @@ augmentations::
     repeated  = [7, 7, 7, 2, 2, 2, 5, 5, 5, ...]
     rank r    = repeated[r::world_size][:num_selected]
 
-An epoch keeps the length of an ordinary epoch (``ceil(N / world_size)`` samples per rank), so it covers about
-``N / num_repeats`` distinct images; this is what DeiT's RASampler does (DeiT also rounds N down to a multiple
-of 256, which we skip: it changes nothing but the last few hundred images).
+The global stream (the repeated permutation) depends on (seed, epoch) only; the world size only decides how it is
+dealt. An epoch keeps the length of an ordinary epoch, so it covers about ``N / num_repeats`` distinct images;
+this is what DeiT's RASampler does. Its length:
 
-It is resumable mid-epoch: ``state_dict()`` holds (epoch, position) and ``load_state_dict()`` makes the next
-iteration continue at that position, which torchdata's ``StatefulDataLoader`` uses. With ``with_seeds=True`` it
+* with ``global_batch`` (the images of one optimizer step over all ranks, which the package's DataModules pass):
+  the first ``(N // global_batch) * global_batch`` positions of the stream, i.e. whole optimizer steps (DeiT
+  rounds N down to a multiple of 256 the same way). That is the same epoch, step for step, for every world
+  size, per-process batch and gradient accumulation with this global batch;
+* without: ``ceil(N / world_size)`` samples per rank (the stream wraps around to pad), as a DistributedSampler.
+
+It is resumable mid-epoch: ``state_dict()`` holds the epoch and the samples of it consumed by all ranks together
+(``consumed``, a position in the global stream) and ``load_state_dict()`` makes the next iteration continue
+there, which torchdata's ``StatefulDataLoader`` uses. With ``global_batch`` the state loads into a sampler of
+another world size: rank r of the new world continues with global positions ``consumed + r, consumed + r +
+world_size, ...``, so the epoch goes on with exactly the samples not yet handed out. With ``with_seeds=True`` it
 yields ``(index, sample_seed)`` pairs, the seed a function of (seed, epoch, position in the global stream) only,
-so an augmentation can be reproduced after a resume whatever the number of workers.
+so an augmentation can be reproduced after a resume whatever the number of workers or ranks.
 
 :class:`ShardedEvalSampler` (validation / test) gives rank r the indices ``r, r + world, ...`` with no padding,
 so every sample is evaluated exactly once over all ranks (Lightning's DistributedSampler pads with duplicates).
@@ -55,7 +64,7 @@ def mix_seed(*values: int) -> int:
 class RepeatedAugSampler(DistributedSampler):
     """Seeded, ``set_epoch``-aware, resumable repeated-augmentation sampler for one rank of ``num_replicas``.
 
-    With ``num_repeats=1`` it is an ordinary seeded shuffling DistributedSampler (``drop_last=False``: the
+    With ``num_repeats=1`` it is an ordinary seeded shuffling DistributedSampler (without ``global_batch`` the
     stream wraps around so every rank gets the same count).
 
     Args:
@@ -64,8 +73,15 @@ class RepeatedAugSampler(DistributedSampler):
         num_replicas: world size.
         rank: this process's global rank.
         shuffle: shuffle each epoch (otherwise dataset order).
-        seed: base seed; the order is a function of (seed, epoch, num_replicas, rank) only.
+        seed: base seed; the global stream is a function of (seed, epoch) only.
         with_seeds: yield ``(index, sample_seed)`` pairs instead of indices (for :class:`SampleDataset`).
+        global_batch: images per optimizer step over all ranks (per-process batch x world size x gradient
+            accumulation). Given, an epoch is the largest whole number of global batches (the same epoch for any
+            world size with this global batch) and a saved state loads into a sampler of another world size.
+
+    Raises:
+        ValueError: ``num_repeats`` is not an integer >= 1, or ``global_batch`` is not a positive multiple of
+            ``num_replicas``.
     """
 
     def __init__(
@@ -77,6 +93,7 @@ class RepeatedAugSampler(DistributedSampler):
         shuffle: bool = True,
         seed: int = 0,
         with_seeds: bool = False,
+        global_batch: int | None = None,
     ) -> None:
         if isinstance(num_repeats, bool) or int(num_repeats) != num_repeats or num_repeats < 1:
             raise ValueError(f"num_repeats={num_repeats!r} is invalid: must be an integer >= 1")
@@ -84,17 +101,20 @@ class RepeatedAugSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.num_repeats = int(num_repeats)
         self.with_seeds = with_seeds
+        self.global_batch = _check_global_batch(global_batch, num_replicas)
         n = len(dataset)
         # Length of the repeated stream padded to a multiple of the world size, and this rank's share of it.
         self.num_samples = math.ceil(n * self.num_repeats / num_replicas)
         self.total_size = self.num_samples * num_replicas
-        # Per-rank epoch length: as many samples as a plain DistributedSampler would give.
-        self.num_selected = min(math.ceil(n / num_replicas), self.num_samples)
-        self.position = 0  # samples of the current epoch handed out so far
+        if self.global_batch is None:  # as many samples per rank as a plain DistributedSampler gives
+            self.num_selected = min(math.ceil(n / num_replicas), self.num_samples)
+        else:  # whole optimizer steps; at most n <= n * num_repeats positions, so the stream never wraps
+            self.num_selected = n // self.global_batch * self.global_batch // num_replicas
+        self.position = 0  # samples of the current epoch handed out by this rank so far
         self._resume_at: int | None = None
 
     def indices(self) -> list[int]:
-        """This rank's indices of the current epoch, in order."""
+        """This rank's indices of the current epoch, in order: global positions ``rank, rank + world, ...``."""
         n = len(self.dataset)
         if self.shuffle:
             g = torch.Generator()
@@ -128,6 +148,11 @@ class RepeatedAugSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.num_selected
 
+    @property
+    def epoch_length(self) -> int:
+        """Samples of one epoch over all ranks together."""
+        return self.num_selected * self.num_replicas
+
     def set_epoch(self, epoch: int) -> None:
         # A different epoch starts from its beginning; the same epoch keeps a loaded resume position
         # (Lightning calls set_epoch with the resumed epoch after load_state_dict).
@@ -135,11 +160,18 @@ class RepeatedAugSampler(DistributedSampler):
             self._resume_at = None
         super().set_epoch(epoch)
 
-    def state_dict(self) -> dict[str, int]:
-        """Where the stream stands: epoch and samples handed out, plus what must match to resume exactly."""
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: epoch, samples handed out (this rank's and all ranks'), and what must match.
+
+        ``consumed`` counts all ranks together: the ranks advance in lockstep, so after ``position`` samples
+        on each rank the global stream's first ``position x num_replicas`` positions are handed out.
+        """
         return {
             "epoch": self.epoch,
             "position": self.position,
+            "consumed": self.position * self.num_replicas,
+            "epoch_length": self.epoch_length,
+            "global_batch": self.global_batch,
             "seed": self.seed,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
@@ -147,24 +179,27 @@ class RepeatedAugSampler(DistributedSampler):
             "dataset_size": len(self.dataset),
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue at ``state``'s epoch and position on the next ``iter()``.
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state``'s epoch and global position on the next ``iter()``.
 
-        The state may come from another rank: Lightning checkpoints rank 0's loader state only and every rank
-        loads it. That is exact, since all ranks hand out the same number of samples per epoch.
+        The state may come from another rank (Lightning checkpoints rank 0's loader state only; all ranks hand
+        out the same number of samples) and, for samplers built with the same ``global_batch``, from another
+        world size: this rank then takes its share of the positions not yet consumed.
 
         Raises:
-            ValueError: the state comes from a different seed, world size, repeat count or dataset size, so the
-                stream it describes is not this sampler's.
+            ValueError: the state comes from a different seed, repeat count, dataset or global batch, or from
+                another world size without a common ``global_batch``, so the stream it describes is not this
+                sampler's; or its consumed count does not split evenly over this world size.
         """
-        for key in ("seed", "num_replicas", "num_repeats", "dataset_size"):
-            mine = len(self.dataset) if key == "dataset_size" else getattr(self, key)
-            if key in state and state[key] != mine:
-                raise ValueError(
-                    f"RepeatedAugSampler state has {key}={state[key]!r} but this sampler has {key}={mine!r}: "
-                    "an exact resume needs the same seed, world size, repeated_aug and dataset"
-                )
-        epoch, position = int(state["epoch"]), int(state["position"])
+        self._check_same_stream(state)
+        epoch = int(state["epoch"])
+        consumed = int(state.get("consumed", int(state["position"]) * int(state["num_replicas"])))
+        if consumed % self.num_replicas:
+            raise ValueError(
+                f"RepeatedAugSampler state has consumed={consumed} samples of epoch {epoch}, which does not split "
+                f"over num_replicas={self.num_replicas}: resume on {state['num_replicas']} processes"
+            )
+        position = consumed // self.num_replicas
         if position >= self.num_selected:  # the saved epoch was complete: the next one starts from scratch
             epoch, position = epoch + 1, 0
         if self.epoch > epoch:
@@ -175,6 +210,36 @@ class RepeatedAugSampler(DistributedSampler):
         self.epoch = epoch
         self._resume_at = position
         self.position = position
+
+    def _check_same_stream(self, state: dict[str, Any]) -> None:
+        """ValueError unless ``state`` describes this sampler's global stream and epoch length."""
+        for key in ("seed", "num_repeats", "dataset_size", "global_batch"):
+            mine = len(self.dataset) if key == "dataset_size" else getattr(self, key)
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"RepeatedAugSampler state has {key}={state[key]!r} but this sampler has {key}={mine!r}: "
+                    "an exact resume needs the same seed, repeated_aug, dataset and global batch"
+                )
+        world = state.get("num_replicas", self.num_replicas)
+        if world != self.num_replicas and (self.global_batch is None or state.get("global_batch") is None):
+            raise ValueError(
+                f"RepeatedAugSampler state has num_replicas={world!r} but this sampler has "
+                f"num_replicas={self.num_replicas!r}: another world size resumes exactly only for samplers "
+                "built with the same global_batch (the package's DataModules pass it)"
+            )
+
+
+def _check_global_batch(global_batch: Any, num_replicas: int) -> int | None:
+    if global_batch is None:
+        return None
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise ValueError(f"global_batch={global_batch!r} is invalid: must be a positive integer or None")
+    if global_batch % num_replicas:
+        raise ValueError(
+            f"global_batch={global_batch} is invalid: must be a multiple of num_replicas={num_replicas} "
+            "(per-process batch x world size x gradient accumulation)"
+        )
+    return global_batch
 
 
 class ShardedEvalSampler(DistributedSampler):

@@ -67,21 +67,23 @@ def test_datamodule_sampler_follows_trainer_world_and_lightning_does_not_wrap_it
     sampler = loader.sampler
     assert isinstance(sampler, RepeatedAugSampler)
     assert (sampler.num_replicas, sampler.rank, sampler.num_repeats, sampler.seed) == (2, 0, 3, 5)
-    assert len(sampler) == 719  # ceil(1437 / 2)
-    assert loader.drop_last and len(loader) == 719 // 8
+    assert sampler.global_batch == 16 and len(sampler) == 712  # whole global batches: 1437 // 16 * 16 / 2
+    assert loader.drop_last and len(loader) == 712 // 8
     # With the default use_distributed_sampler=True, Lightning keeps our sampler (no second sharding).
     assert not trainer._data_connector._requires_distributed_sampler(loader)
     prepared = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
     assert prepared is loader
-    # Same order as a sampler built by hand for rank 0 of 2; the loader's keys are (index, sample seed) pairs.
-    assert sampler.indices() == [i for i, _ in sampler] == _indices(1437, 2, 0, seed=5)
+    # Same order as a sampler built by hand for rank 0 of 2 (a prefix: whole global batches only); the loader's
+    # keys are (index, sample seed) pairs.
+    assert sampler.indices() == [i for i, _ in sampler] == _indices(1437, 2, 0, seed=5)[:712]
 
 
 def test_single_device_loader_without_trainer():
     dm = DigitsDataModule(batch_size=8, seed=1)
     loader = dm.train_dataloader()
     assert (loader.sampler.num_replicas, loader.sampler.num_repeats) == (1, 1)
-    assert sorted(loader.sampler.indices()) == list(range(1437))
+    indices = loader.sampler.indices()  # whole batches of 8: 1432 of the 1437 images, each once
+    assert len(indices) == len(set(indices)) == 1432 and set(indices) <= set(range(1437))
     dm.trainer = SimpleNamespace(world_size=1, global_rank=0, training=False)
     assert list(dm.train_dataloader().sampler) == list(loader.sampler)  # same seed -> same order
 
