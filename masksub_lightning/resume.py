@@ -7,8 +7,11 @@ RNG state, so a resumed run would draw other masks than the interrupted one. ``M
 from its hooks:
 
     on_save_checkpoint          save_rng_states      every rank's RNG states (and, under DDP, train-loader state),
-                                                     gathered: checkpoint[RNG_KEY][rank], checkpoint[LOADER_KEY]
-    on_load_checkpoint          stash_rng_states     keeps this rank's entries for later
+                                                     gathered: checkpoint[RNG_KEY][rank], checkpoint[LOADER_KEY];
+                                                     how the global batch is made: checkpoint[LAYOUT_KEY]
+    on_load_checkpoint          stash_rng_states     keeps this rank's entries for later; with another world size,
+                                                     batch size or accumulation (the global batch kept) moves
+                                                     Lightning's batch counters to the same sample of the epoch
     on_train_start              restore_rng_states   loads a loader position Lightning dropped (issue #20550), then
                                                      puts the RNG states back after Lightning's set-up (instead of
                                                      the module's per-rank re-seeding)
@@ -22,19 +25,22 @@ Everything stored is a tensor, an int, a float, a string or a list / dict of tho
 loadable with ``torch.load(..., weights_only=True)``.
 
 :class:`ResumeCheckpoint` writes the checkpoint to resume from: ``resume.ckpt`` every N optimizer steps (mid-epoch
-included) and at the step boundary where a SIGTERM is noticed. ``docs/reliability.md`` lists what is and is not
-guaranteed.
+included) and at the step boundary where a SIGTERM is noticed; under SLURM it moves Lightning's requeue checkpoint
+to a step boundary too. ``docs/reliability.md`` lists what is and is not guaranteed; ``docs/cluster.md`` has the
+multi-node, SLURM and other-world-size commands.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -45,8 +51,11 @@ from lightning.pytorch.utilities.seed import isolate_rng
 RNG_KEY = "masksub_rng_states"
 #: Checkpoint key of the per-rank train-loader states under DDP: a list indexed by global rank.
 LOADER_KEY = "masksub_train_loader_states"
+#: Checkpoint key of how the global batch was made: world size, per-process batch size, gradient accumulation.
+LAYOUT_KEY = "masksub_train_layout"
 
 _PENDING = "_masksub_rng_pending"  # this rank's saved states, waiting for on_train_start
+_FRESH = "fresh"  # pending instead of states: the saved ones belong to ranks of another world size
 _PAUSED = "_masksub_rng_paused"  # the training streams while validation runs
 
 
@@ -123,6 +132,9 @@ def save_rng_states(module: L.LightningModule, checkpoint: dict[str, Any]) -> No
     if trainer is None:
         return
     state = getattr(module, _PAUSED, None) or capture_rng_state()
+    layout = train_layout(module)
+    if layout is not None:
+        checkpoint[LAYOUT_KEY] = layout
     if trainer.world_size == 1:
         checkpoint[RNG_KEY] = [state]
         return
@@ -134,7 +146,16 @@ def save_rng_states(module: L.LightningModule, checkpoint: dict[str, Any]) -> No
 
 
 def stash_rng_states(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-    """``on_load_checkpoint``: keep this rank's saved states until :func:`restore_rng_states`."""
+    """``on_load_checkpoint``: keep this rank's saved states until :func:`restore_rng_states`.
+
+    Resumed with another world size, batch size or gradient accumulation (the global batch kept), the saved
+    position in the epoch is carried over (:func:`continue_with_new_layout`) and the random streams are freshly
+    seeded (the saved ones belong to ranks that no longer exist).
+
+    Raises:
+        ValueError: the layout changed in a way that cannot continue the epoch exactly (see
+            :func:`continue_with_new_layout`).
+    """
     states = checkpoint.get(RNG_KEY)
     setattr(module, _PENDING, None)
     if states is None:
@@ -142,19 +163,170 @@ def stash_rng_states(module: L.LightningModule, checkpoint: dict[str, Any]) -> N
     trainer = module._trainer  # the property raises when detached (load_from_checkpoint)
     if trainer is None:
         return
-    if len(states) != trainer.world_size:
+    saved_world, world = len(states), trainer.world_size
+    remapped = continue_with_new_layout(module, checkpoint)
+    if remapped:
+        rank_zero_warn(_new_layout_message(checkpoint[LAYOUT_KEY], train_layout(module)))
+    if saved_world == world:
+        setattr(module, _PENDING, states[trainer.global_rank])
+    elif remapped:
+        setattr(module, _PENDING, _FRESH)
+    else:
         rank_zero_warn(
-            f"the checkpoint holds RNG states of {len(states)} rank(s) but this run has {trainer.world_size}: "
+            f"the checkpoint holds RNG states of {saved_world} rank(s) but this run has {world}: "
             "training resumes with freshly seeded random streams (weights, optimizer and schedule are "
             "restored; the masks and mixing draws differ from an uninterrupted run)"
         )
         return
-    setattr(module, _PENDING, states[trainer.global_rank])
     loaders = checkpoint.get(LOADER_KEY)
     fit_state = _fit_loop_state(checkpoint)
-    if loaders is not None and len(loaders) == trainer.world_size and "combined_loader" in fit_state:
-        # Lightning restores the loader from this entry later in the same restore: make it this rank's.
-        fit_state["combined_loader"] = loaders[trainer.global_rank]
+    if loaders and "combined_loader" in fit_state:
+        # Lightning restores the loader from this entry later in the same restore: make it this rank's (after a
+        # world-size change any saved rank's: the sampler reads the global position from it).
+        fit_state["combined_loader"] = loaders[trainer.global_rank % len(loaders)]
+
+
+# ------------------------------------------------------------------------- another world size on resume
+def train_layout(module: L.LightningModule) -> dict[str, int] | None:
+    """How this run makes its global batch: ``world_size``, ``batch_size`` (per process), ``grad_accumulation``.
+
+    None when the batch size is unknown (a train loader without ``batch_size`` and a DataModule without one).
+    """
+    trainer = module.trainer
+    # The loader when it is built (saving), else the DataModule's setting (loading: before the loader exists).
+    batch = getattr(trainer.train_dataloader, "batch_size", None) or getattr(
+        trainer.datamodule, "batch_size", None
+    )
+    if not _positive_int(batch):
+        return None
+    return {"world_size": trainer.world_size, "batch_size": batch, "grad_accumulation": _accumulation(module)}
+
+
+def continue_with_new_layout(module: L.LightningModule, checkpoint: dict[str, Any]) -> bool:
+    """Carry the position in the epoch over to another layout of the same global batch; True if it did.
+
+    The package's sampler keeps its position as samples of the epoch's global order consumed by all ranks, and
+    loads it into any world size (:class:`~masksub_lightning.data.samplers.RepeatedAugSampler`). Lightning's
+    batch counters are per process, so they are moved here to the same point in the new unit, before Lightning
+    restores them: gradient-accumulation groups then line up with optimizer steps, and the epoch ends after the
+    same steps as the uninterrupted run's.
+
+    Raises:
+        ValueError: the global batch changed (the consumed samples are then not whole steps, and the epoch and
+            the LR schedule would differ), or the checkpoint is not at an optimizer-step boundary.
+    """
+    saved, sampler = checkpoint.get(LAYOUT_KEY), _sampler_state(checkpoint)
+    if saved is None or sampler is None or sampler.get("global_batch") is None:
+        return False  # an older checkpoint, or not the package's sampler (which refuses another world size)
+    now = train_layout(module)
+    if now is None or now == saved:
+        return False
+    old_global, new_global = _global_batch(saved), _global_batch(now)
+    if old_global != new_global:
+        raise ValueError(
+            f"cannot resume on {_processes(now['world_size'])}: the checkpoint's global batch was {old_global} "
+            f"({_describe(saved)}), this run's is {new_global} ({_describe(now)}); {_keep(old_global, now)}"
+        )
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    done = _batches_done(progress) if progress else None
+    consumed = int(sampler["position"]) * int(sampler["num_replicas"])
+    if done is None or done * saved["batch_size"] != int(sampler["position"]) or consumed % old_global:
+        raise ValueError(
+            f"cannot resume on {_processes(now['world_size'])}: the checkpoint was not written at an optimizer-step "
+            f"boundary (epoch {sampler['epoch']}, {consumed} samples consumed, global batch {old_global}); resume "
+            f"it with {_describe(saved)}, or from a resume.ckpt / last.ckpt"
+        )
+    _shift_batch_progress(progress, consumed // (now["batch_size"] * now["world_size"]) - done)
+    return True
+
+
+def _new_layout_message(saved: dict[str, int], now: dict[str, int]) -> str:
+    if saved["world_size"] == now["world_size"]:
+        what, draws = f"of {_describe(saved)} with {_describe(now)}", "differ"
+    else:
+        what = f"of {_processes(saved['world_size'])} on {now['world_size']}"
+        draws = "are seeded afresh"
+    return (
+        f"resuming a checkpoint {what}: the epoch continues with the samples not yet seen, with the same "
+        f"optimizer steps and learning rates; the random draws (masks, drop path, Mixup / CutMix) {draws}, so the "
+        "weights differ from an uninterrupted run"
+    )
+
+
+def _global_batch(layout: dict[str, int]) -> int:
+    return layout["batch_size"] * layout["world_size"] * layout["grad_accumulation"]
+
+
+def _describe(layout: dict[str, int]) -> str:
+    return (
+        f"batch_size {layout['batch_size']} x {_processes(layout['world_size'])} x "
+        f"grad_accumulation {layout['grad_accumulation']}"
+    )
+
+
+def _keep(global_batch: int, layout: dict[str, int]) -> str:
+    """What to set so that ``layout`` makes ``global_batch`` again."""
+    world = layout["world_size"]
+    ways = []
+    if global_batch % (layout["batch_size"] * world) == 0:
+        ways.append(f"grad_accumulation={global_batch // (layout['batch_size'] * world)}")
+    if global_batch % (layout["grad_accumulation"] * world) == 0:
+        ways.append(f"batch_size={global_batch // (layout['grad_accumulation'] * world)}")
+    if not ways:
+        return f"choose batch_size x processes x grad_accumulation = {global_batch}"
+    return f"set {' or '.join(ways)} to keep it"
+
+
+def _processes(n: int) -> str:
+    return f"{n} process{'' if n == 1 else 'es'}"
+
+
+def _accumulation(module: L.LightningModule) -> int:
+    """Micro-batches per optimizer step: the module's ``grad_accumulation`` or Lightning's own accumulation."""
+    hparams = getattr(module, "hparams", None) or {}
+    n, lightning = hparams.get("grad_accumulation", 1), module.trainer.accumulate_grad_batches
+    return n * lightning if _positive_int(n) and _positive_int(lightning) else 1
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _sampler_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The package sampler's state inside a saved train-loader state (torchdata nests it), or None."""
+    loaders = checkpoint.get(LOADER_KEY) or _fit_loop_state(checkpoint).get("combined_loader") or []
+    return _find_sampler_state(loaders[0]) if loaders else None
+
+
+def _find_sampler_state(state: Any) -> dict[str, Any] | None:
+    if isinstance(state, dict):
+        if {"epoch", "position", "num_replicas", "dataset_size"} <= state.keys():
+            return state
+        state = list(state.values())
+    if isinstance(state, list):
+        for item in state:
+            found = _find_sampler_state(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _batches_done(progress: dict[str, Any]) -> int:
+    """Batches of the epoch that the saved run trained on, per process, as Lightning counts them on restore.
+
+    Saved in ``on_train_batch_end``, the last batch is processed but not yet completed; Lightning then counts
+    it as done (its restart stage "on train batch end").
+    """
+    total, current = progress["total"], progress["current"]
+    batch_end = total["started"] == total["ready"] == total["processed"] == total["completed"] + 1
+    return int(current["processed"] if batch_end else current["completed"])
+
+
+def _shift_batch_progress(progress: dict[str, Any], shift: int) -> None:
+    """Move every batch counter by ``shift``: the same relations (Lightning's restart stage), the new unit."""
+    for part in ("total", "current"):
+        for name in ("ready", "started", "processed", "completed"):
+            progress[part][name] += shift
 
 
 def _fit_loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -173,10 +345,26 @@ def restore_rng_states(module: L.LightningModule) -> bool:
     state = getattr(module, _PENDING, None)
     if state is None:
         return False
-    set_rng_state(state)
+    if isinstance(state, str):  # _FRESH: another world size
+        seed_fresh_streams(module.trainer)
+    else:
+        set_rng_state(state)
     setattr(module, _PENDING, None)
     _isolate_skipped_validation(module.trainer)
     return True
+
+
+def seed_fresh_streams(trainer: L.Trainer) -> None:
+    """Seed this rank's torch, NumPy and Python streams from (the run's seed, the step, the rank).
+
+    For a resume on another world size: the new streams are reproducible (the same resume draws the same
+    masks) and differ from those every rank started the run with.
+    """
+    entropy = [torch.initial_seed() % 2**63, trainer.global_step, trainer.global_rank]
+    seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def _set_epoch_learning_rate(module: L.LightningModule) -> None:
@@ -278,13 +466,20 @@ class ResumeCheckpoint(ModelCheckpoint):
     stops the run mid-validation, where the state is not a step boundary: no checkpoint is written then, and the
     previous ``resume.ckpt`` stays the one to resume from. SIGKILL leaves the previous one too.
 
-    Resume with ``masksub fit ... --ckpt_path <dir>/resume.ckpt`` (same config, same number of ranks).
+    Under SLURM with Lightning's auto-requeue (``SLURMEnvironment``), the requeue signal (SIGUSR1) is held until
+    the next optimizer-step boundary, where all ranks write Lightning's ``hpc_ckpt_<n>.ckpt`` together and rank 0
+    requeues the job (Lightning's own handler, run there instead of inside the signal handler, which may be the
+    middle of a step or of a collective). The requeued job resumes from that checkpoint exactly.
+
+    Resume with ``masksub fit ... --ckpt_path <dir>/resume.ckpt`` (same config; another number of processes
+    with the same global batch continues the epoch with the samples not yet seen, see ``docs/reliability.md``).
 
     Args:
         every_n_train_steps: optimizer steps between saves (mid-epoch included).
         dirpath: directory of ``resume.ckpt``; None: the run's checkpoint directory (next to ``last.ckpt``).
         filename: file name without ``.ckpt``.
         save_on_sigterm: also save when Lightning stops the run for a SIGTERM.
+        slurm_requeue_at_step_boundary: hold SLURM's requeue signal until the next step boundary (above).
 
     Raises:
         ValueError: ``every_n_train_steps`` is not a positive integer.
@@ -296,6 +491,7 @@ class ResumeCheckpoint(ModelCheckpoint):
         dirpath: str | None = None,
         filename: str = "resume",
         save_on_sigterm: bool = True,
+        slurm_requeue_at_step_boundary: bool = True,
     ) -> None:
         if isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int):
             raise ValueError(f"every_n_train_steps must be a positive int, got {every_n_train_steps!r}")
@@ -311,19 +507,63 @@ class ResumeCheckpoint(ModelCheckpoint):
             enable_version_counter=False,  # always the same file: the newest state replaces the previous one
         )
         self.save_on_sigterm = save_on_sigterm
+        self.slurm_requeue_at_step_boundary = slurm_requeue_at_step_boundary
+        self._requeue: Any = None  # Lightning's SLURM requeue handler, when held back
+        self._requeue_signal: int | None = None  # the requeue signal received and not yet acted on
+        self._requeued = False
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(resume_every_n_train_steps=self._every_n_train_steps)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.slurm_requeue_at_step_boundary:
+            self._hold_slurm_requeue(trainer)
+
+    def _hold_slurm_requeue(self, trainer: L.Trainer) -> None:
+        """Make Lightning register a note-taking SIGUSR1 handler instead of its save-and-requeue one.
+
+        ``setup`` runs before Lightning registers its signal handlers (at the start of fit), and it registers
+        ``_slurm_sigusr_handler_fn`` looked up on the connector: an instance attribute takes its place.
+        """
+        environment = trainer._accelerator_connector.cluster_environment
+        connector = trainer._signal_connector
+        if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
+            return
+        self._requeue = type(connector)._slurm_sigusr_handler_fn.__get__(connector)
+        connector._slurm_sigusr_handler_fn = self._note_requeue_signal
+        self._requeue_signal, self._requeued = None, False
+
+    def _note_requeue_signal(self, signum: int, frame: Any) -> None:
+        # Signal-handler context: only take note (a save here could be mid-step or inside a collective).
+        if not self._requeued:
+            self._requeue_signal = int(signum)
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
         """Save every ``every_n_train_steps`` optimizer steps, whatever the monitored metrics."""
+        self._save_every_n_steps(trainer)
+        self._requeue_at_step_boundary(trainer, pl_module)
+
+    def _save_every_n_steps(self, trainer: L.Trainer) -> None:
         if trainer.global_step % self._every_n_train_steps or self._should_skip_saving_checkpoint(trainer):
             return
         # Straight to the save: the parent's manual-optimization branch would warn about pre-step weights.
         self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _requeue_at_step_boundary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """If any rank got SLURM's requeue signal: at a step boundary, Lightning's save and requeue, all ranks."""
+        if self._requeue is None or self._requeued:
+            return
+        if any(p.grad is not None for p in pl_module.parameters()):
+            return  # inside a gradient-accumulation group (the same micro-batch on every rank)
+        # One small all-reduce per step: the signal reaches the ranks at different times.
+        if not trainer.strategy.reduce_boolean_decision(self._requeue_signal is not None, all=False):
+            return
+        self._requeued = True
+        self._requeue(self._requeue_signal or signal.SIGUSR1, None)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """No epoch-end saves: ``resume.ckpt`` follows the step count only."""
