@@ -93,10 +93,6 @@ def build_train_pipeline(dm: DALIDataModule, batch_size: int, device_id: int | N
     from nvidia.dali.auto_aug import rand_augment
 
     gpu = dm.dali_device == "gpu"
-    interp_of = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
-    interp_of["lanczos"] = types.INTERP_LANCZOS3
-    interpolation = dm.train_interpolation or dm.interpolation
-    size = dm.img_size
     aug = dm.auto_augment or None
     jitter = dm.color_jitter or 0.0
     if aug and aug != "3a":
@@ -106,34 +102,8 @@ def build_train_pipeline(dm: DALIDataModule, batch_size: int, device_id: int | N
     def pipeline() -> Any:
         jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
         labels = fn.external_source(name="labels", dtype=types.INT64, ndim=0)
-        if interpolation == "random":  # timm's "random": bilinear or bicubic per image
-            interp = fn.cast(
-                fn.random.choice([int(types.INTERP_LINEAR), int(types.INTERP_CUBIC)]),
-                dtype=types.DALIDataType.INTERP_TYPE,
-            )
-        else:
-            interp = interp_of[interpolation]
-        device = "mixed" if gpu else "cpu"
-        if dm.train_crop == "rrc":
-            images = fn.decoders.image_random_crop(
-                jpegs,
-                device=device,
-                output_type=types.RGB,
-                random_area=list(dm.scale),
-                random_aspect_ratio=list(dm.ratio),
-                num_attempts=10,
-            )
-            images = fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
-        else:
-            images = fn.decoders.image(jpegs, device=device, output_type=types.RGB)
-            images = fn.resize(images, resize_shorter=size, interp_type=interp, antialias=True)
-            images = fn.crop(
-                images,
-                crop=[size, size],
-                crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
-                crop_pos_y=fn.random.uniform(range=[0.0, 1.0]),
-            )
-        if aug == "3a":
+        images = _decode_and_crop(dm, jpegs, "mixed" if gpu else "cpu")
+        if aug == "3a":  # a DALI conditional: stays in the pipeline function, which DALI converts
             choice = fn.random.choice(3)
             if choice == 0:
                 images = fn.hsv(images, saturation=0.0)  # luma only: grayscale as PIL's "L"
@@ -147,25 +117,8 @@ def build_train_pipeline(dm: DALIDataModule, batch_size: int, device_id: int | N
         elif aug:
             num_ops, magnitude = parse_rand_augment(aug)
             images = rand_augment.rand_augment(images, n=num_ops, m=magnitude, num_magnitude_bins=11)
-        if jitter > 0:
-            low = max(0.0, 1.0 - jitter)
-            images = fn.color_twist(
-                images,
-                brightness=fn.random.uniform(range=[low, 1.0 + jitter]),
-                contrast=fn.random.uniform(range=[low, 1.0 + jitter]),
-                saturation=fn.random.uniform(range=[low, 1.0 + jitter]),
-            )
-        images = fn.crop_mirror_normalize(
-            images,
-            mirror=fn.random.coin_flip(probability=dm.hflip),
-            mean=[255.0 * m for m in dm.mean],
-            std=[255.0 * s for s in dm.std],
-            dtype=types.FLOAT,
-            output_layout="CHW",
-        )
-        if gpu:
-            labels = labels.gpu()
-        return images, labels
+        images = _jitter_flip_normalize(dm, images, jitter)
+        return images, labels.gpu() if gpu else labels
 
     with warnings.catch_warnings():  # DALI's own RandAugment calls operators it has since renamed
         warnings.filterwarnings("ignore", message=r".*is now deprecated", category=DeprecationWarning)
@@ -180,6 +133,69 @@ def build_train_pipeline(dm: DALIDataModule, batch_size: int, device_id: int | N
         )
         pipe.build()
     return pipe
+
+
+def _interpolation(name: str) -> Any:
+    """A DALI interpolation for timm's name; ``random`` (bilinear or bicubic per image) is drawn per sample."""
+    from nvidia.dali import fn, types
+
+    if name == "random":
+        choice = fn.random.choice([int(types.INTERP_LINEAR), int(types.INTERP_CUBIC)])
+        return fn.cast(choice, dtype=types.DALIDataType.INTERP_TYPE)
+    return {
+        "bilinear": types.INTERP_LINEAR,
+        "bicubic": types.INTERP_CUBIC,
+        "nearest": types.INTERP_NN,
+        "lanczos": types.INTERP_LANCZOS3,
+    }[name]
+
+
+def _decode_and_crop(dm: DALIDataModule, jpegs: Any, device: str) -> Any:
+    """Decode and crop to ``img_size``: RandomResizedCrop (decoding the crop only), or resize + random crop."""
+    from nvidia.dali import fn, types
+
+    size = dm.img_size
+    interp = _interpolation(dm.train_interpolation or dm.interpolation)
+    if dm.train_crop == "rrc":
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            device=device,
+            output_type=types.RGB,
+            random_area=list(dm.scale),
+            random_aspect_ratio=list(dm.ratio),
+            num_attempts=10,
+        )
+        return fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
+    images = fn.decoders.image(jpegs, device=device, output_type=types.RGB)
+    images = fn.resize(images, resize_shorter=size, interp_type=interp, antialias=True)
+    return fn.crop(
+        images,
+        crop=[size, size],
+        crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+        crop_pos_y=fn.random.uniform(range=[0.0, 1.0]),
+    )
+
+
+def _jitter_flip_normalize(dm: DALIDataModule, images: Any, jitter: float) -> Any:
+    """Colour jitter (brightness, contrast, saturation), horizontal flip, normalisation to float CHW."""
+    from nvidia.dali import fn, types
+
+    if jitter > 0:
+        low = max(0.0, 1.0 - jitter)
+        images = fn.color_twist(
+            images,
+            brightness=fn.random.uniform(range=[low, 1.0 + jitter]),
+            contrast=fn.random.uniform(range=[low, 1.0 + jitter]),
+            saturation=fn.random.uniform(range=[low, 1.0 + jitter]),
+        )
+    return fn.crop_mirror_normalize(
+        images,
+        mirror=fn.random.coin_flip(probability=dm.hflip),
+        mean=[255.0 * m for m in dm.mean],
+        std=[255.0 * s for s in dm.std],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+    )
 
 
 def _to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
@@ -238,8 +254,11 @@ class DALITrainLoader:
             yield _to_torch(images, self.device), _to_torch(labels, self.device)
 
     def state_dict(self) -> dict[str, int]:
+        # The sampler ran ahead to the end of the epoch (its indices are taken at once): the state is that of
+        # the last batch handed out, on this rank and (consumed) for all ranks together.
         state = self.sampler.state_dict()
         state["position"] = self._start + self._served
+        state["consumed"] = state["position"] * self.sampler.num_replicas
         return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -299,7 +318,16 @@ class DALIDataModule(ImageFolderDataModule):
             "train", self.read_samples("train"), f"{type(self).__name__} train split"
         )
         world, rank = self._world()
-        sampler = RepeatedAugSampler(files, self.repeated_aug, num_replicas=world, rank=rank, seed=self.seed)
+        # The same epoch as the CPU loaders: whole global batches of one global order (resumable on another
+        # number of processes with the global batch kept).
+        sampler = RepeatedAugSampler(
+            files,
+            self.repeated_aug,
+            num_replicas=world,
+            rank=rank,
+            seed=self.seed,
+            global_batch=self.train_global_batch(len(files)),
+        )
         if len(sampler) < self.batch_size:
             raise ValueError(
                 f"{type(self).__name__}: {len(sampler)} training images per device, fewer than "
