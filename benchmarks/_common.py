@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from masksub_lightning.module import MaskSubModule
+from masksub_lightning.modules.masksub import MaskSubModule
 
 # ------------------------------------------------------------------------------------------------- model specs
 

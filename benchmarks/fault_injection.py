@@ -111,7 +111,7 @@ def write_config(path: Path, family: str, epochs: int, steps: int, val_batches: 
                 {"class_path": "fault_injection.SaveWeights"},
                 {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}},
                 {
-                    "class_path": "masksub_lightning.resume.ResumeCheckpoint",
+                    "class_path": "masksub_lightning.callbacks.ResumeCheckpoint",
                     "init_args": {"every_n_train_steps": every},
                 },
                 {"class_path": "fault_injection.KillAt"},
@@ -144,7 +144,7 @@ def masksub_fit(config: Path, root: Path, weights: Path, kill: str = "", ckpt: P
         "FAULT_INJECTION_KILL": kill,
         "FAULT_INJECTION_WEIGHTS": str(weights),
     }
-    cmd = [sys.executable, "-m", "masksub_lightning.cli", "fit", "--config", str(config)]
+    cmd = [sys.executable, "-m", "masksub_lightning", "fit", "--config", str(config)]
     cmd += ["--trainer.default_root_dir", str(root)]
     if ckpt is not None:
         cmd += ["--ckpt_path", str(ckpt)]

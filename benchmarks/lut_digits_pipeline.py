@@ -28,8 +28,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from masksub_lightning.data import DigitsDataModule, PretrainDigitsDataModule
-from masksub_lightning.module import MaskSubModule
-from masksub_lightning.pretraining import LUTModule
+from masksub_lightning.modules.masksub import MaskSubModule
+from masksub_lightning.modules.pretraining import LUTModule
 
 VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
 

@@ -25,7 +25,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from masksub_lightning.pretraining import LUTModule, MAEModule
+from masksub_lightning.modules.pretraining import LUTModule, MAEModule
 
 PAPER_RATIO = 0.46 / 0.39
 

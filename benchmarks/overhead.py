@@ -35,7 +35,7 @@ import time
 import _common as C
 import torch
 
-from masksub_lightning.optim import build_optimizer, build_scheduler
+from masksub_lightning.training.optim import build_optimizer, build_scheduler
 
 GOAL = 1.02
 

@@ -30,7 +30,7 @@ import sys
 
 import _common as C
 
-from masksub_lightning.subbranch import build_sub_branch
+from masksub_lightning.method.subbranch import build_sub_branch
 
 GOAL_GAP = 0.03  # |time ratio / FLOP ratio - 1|
 VARIANTS = ("baseline", "masksub")

@@ -14,27 +14,32 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from masksub_lightning import _moved
+
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _LAZY = {
-    "MaskSubLoss": "masksub_lightning.losses",
-    "MaskSubModule": "masksub_lightning.module",
-    "SUB_BRANCHES": "masksub_lightning.subbranch",
-    "SubBranch": "masksub_lightning.subbranch",
-    "UnsupportedModelError": "masksub_lightning.subbranch",
-    "build_sub_branch": "masksub_lightning.subbranch",
-    "register_sub_branch": "masksub_lightning.subbranch",
-    "AtomicCheckpointIO": "masksub_lightning.checkpointing",
-    "AlwaysLastCheckpoint": "masksub_lightning.checkpointing",
-    "MAEModule": "masksub_lightning.pretraining",
-    "LUTModule": "masksub_lightning.pretraining",
-    "export_encoder": "masksub_lightning.pretraining",
-    "BranchGradients": "masksub_lightning.callbacks",
-    "MaskedInputLoss": "masksub_lightning.callbacks",
-    "SubBranchPictures": "masksub_lightning.callbacks",
-    "export_checkpoint": "masksub_lightning.export",
-    "plot_runs": "masksub_lightning.plot",
+    "MaskSubLoss": "masksub_lightning.method.losses",
+    "MaskSubModule": "masksub_lightning.modules.masksub",
+    "TrainingModule": "masksub_lightning.modules.base",
+    "SUB_BRANCHES": "masksub_lightning.method.subbranch",
+    "SubBranch": "masksub_lightning.method.subbranch",
+    "UnsupportedModelError": "masksub_lightning.method.subbranch",
+    "build_sub_branch": "masksub_lightning.method.subbranch",
+    "register_sub_branch": "masksub_lightning.method.subbranch",
+    "AtomicCheckpointIO": "masksub_lightning.training.checkpoint_io",
+    "AlwaysLastCheckpoint": "masksub_lightning.callbacks.checkpoints",
+    "ResumeCheckpoint": "masksub_lightning.callbacks.checkpoints",
+    "FSDP2Strategy": "masksub_lightning.training.sharding",
+    "MAEModule": "masksub_lightning.modules.pretraining",
+    "LUTModule": "masksub_lightning.modules.pretraining",
+    "export_encoder": "masksub_lightning.modules.pretraining",
+    "BranchGradients": "masksub_lightning.callbacks.analysis",
+    "MaskedInputLoss": "masksub_lightning.callbacks.analysis",
+    "SubBranchPictures": "masksub_lightning.callbacks.analysis",
+    "export_checkpoint": "masksub_lightning.commands.export",
+    "plot_runs": "masksub_lightning.commands.plot",
 }
 
 __all__ = [
@@ -42,13 +47,16 @@ __all__ = [
     "AlwaysLastCheckpoint",
     "AtomicCheckpointIO",
     "BranchGradients",
+    "FSDP2Strategy",
     "LUTModule",
     "MAEModule",
     "MaskSubLoss",
     "MaskSubModule",
     "MaskedInputLoss",
+    "ResumeCheckpoint",
     "SubBranch",
     "SubBranchPictures",
+    "TrainingModule",
     "UnsupportedModelError",
     "build_sub_branch",
     "export_checkpoint",
@@ -58,20 +66,30 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
-    from masksub_lightning.callbacks import BranchGradients, MaskedInputLoss, SubBranchPictures
-    from masksub_lightning.checkpointing import AlwaysLastCheckpoint, AtomicCheckpointIO
-    from masksub_lightning.export import export_checkpoint
-    from masksub_lightning.losses import MaskSubLoss
-    from masksub_lightning.module import MaskSubModule
-    from masksub_lightning.plot import plot_runs
-    from masksub_lightning.pretraining import LUTModule, MAEModule, export_encoder
-    from masksub_lightning.subbranch import (
+    from masksub_lightning.callbacks import (
+        AlwaysLastCheckpoint,
+        BranchGradients,
+        MaskedInputLoss,
+        ResumeCheckpoint,
+        SubBranchPictures,
+    )
+    from masksub_lightning.commands.export import export_checkpoint
+    from masksub_lightning.commands.plot import plot_runs
+    from masksub_lightning.method.losses import MaskSubLoss
+    from masksub_lightning.method.subbranch import (
         SUB_BRANCHES,
         SubBranch,
         UnsupportedModelError,
         build_sub_branch,
         register_sub_branch,
     )
+    from masksub_lightning.modules.base import TrainingModule
+    from masksub_lightning.modules.masksub import MaskSubModule
+    from masksub_lightning.modules.pretraining import LUTModule, MAEModule, export_encoder
+    from masksub_lightning.training.checkpoint_io import AtomicCheckpointIO
+    from masksub_lightning.training.sharding import FSDP2Strategy
+
+_moved.install()  # 0.1's module paths (masksub_lightning.module, .resume, ...) resolve to the new ones
 
 
 def __getattr__(name: str) -> Any:

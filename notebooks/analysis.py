@@ -46,7 +46,7 @@ from lightning.pytorch.loggers import CSVLogger
 from masksub_lightning import MaskSubModule
 from masksub_lightning.callbacks import BranchGradients, MaskedInputLoss
 from masksub_lightning.data import CIFAR10DataModule, DigitsDataModule
-from masksub_lightning.plot import read_run
+from masksub_lightning.commands.plot import read_run
 
 EPOCHS = int(os.environ.get("MASKSUB_NOTEBOOK_EPOCHS", "12"))
 SEEDS = int(os.environ.get("MASKSUB_NOTEBOOK_SEEDS", "3"))

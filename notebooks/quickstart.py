@@ -41,7 +41,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from masksub_lightning import MaskSubModule
 from masksub_lightning.data import DigitsDataModule
-from masksub_lightning.subbranch import PixelMaskSubBranch
+from masksub_lightning.method.subbranch import PixelMaskSubBranch
 
 # Training length of each run. The default gives a meaningful comparison in a few minutes on 2 CPU cores;
 # the notebook test sets MASKSUB_NOTEBOOK_EPOCHS=1 to run it quickly.

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_images, tiny_vit_kwargs
 
 from masksub_lightning import LUTModule, MAEModule, MaskSubModule
-from masksub_lightning.resume import ResumeCheckpoint
+from masksub_lightning.callbacks import ResumeCheckpoint
 from masksub_lightning.training.sharding import FSDP2Strategy
 
 GLOBAL_BATCH, SAMPLES = 8, 16

@@ -205,7 +205,7 @@ def write_config(
                 {"class_path": "test_resume.FinalWeights"},
                 {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}},
                 {
-                    "class_path": "masksub_lightning.resume.ResumeCheckpoint",
+                    "class_path": "masksub_lightning.callbacks.ResumeCheckpoint",
                     "init_args": {"every_n_train_steps": every},
                 },
                 {"class_path": "scale_helpers.SignalAt"},
@@ -232,11 +232,11 @@ def write_config(
     return path
 
 
-def fit_args(config: Path, root: Path, *extra: str, entry: str = "masksub_lightning.cli") -> list[str]:
-    """``-m <entry> fit`` arguments of a run of ``config`` writing under ``root``."""
+def fit_args(config: Path, root: Path, *extra: str) -> list[str]:
+    """``-m masksub_lightning fit`` arguments of a run of ``config`` writing under ``root``."""
     return [
         "-m",
-        entry,
+        "masksub_lightning",
         "fit",
         "--config",
         str(config),
@@ -331,21 +331,3 @@ def torchrun(
             subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
     return wait_all(launchers, timeout)
-
-
-def fit_with_new_accumulation() -> None:
-    """``masksub`` with ``grad_accumulation`` among the model options that a resume may change.
-
-    ``masksub fit --ckpt_path`` refuses model options that differ from the checkpoint's, ``grad_accumulation``
-    included; a resume on another world size keeps the global batch by changing it. This is the one-line change
-    proposed for ``masksub_lightning.cli.RESUME_MAY_CHANGE``, applied here so that the tests can run the command
-    (the resume itself refuses any accumulation that changes the global batch, naming the value to use).
-    """
-    from masksub_lightning import cli
-
-    cli.RESUME_MAY_CHANGE = cli.RESUME_MAY_CHANGE | {"grad_accumulation"}
-    cli.main()
-
-
-if __name__ == "__main__":
-    fit_with_new_accumulation()

@@ -21,7 +21,7 @@ from PIL import Image
 from masksub_lightning import MaskSubModule
 from masksub_lightning.callbacks import BranchGradients, MaskedInputLoss, SubBranchPictures
 from masksub_lightning.data import DigitsDataModule
-from masksub_lightning.subbranch import SwitchablePatchDropout
+from masksub_lightning.method.subbranch import SwitchablePatchDropout
 
 
 def vit(sub_branch="mask", **kw):
@@ -275,7 +275,7 @@ def test_overhead_benchmark_smoke_run_reports_its_figures():
 
 
 def test_callbacks_are_configured_from_yaml(tmp_path):
-    from masksub_lightning.cli import build_cli
+    from masksub_lightning.commands.cli import build_cli
 
     config = tmp_path / "callbacks.yaml"
     config.write_text(

@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from masksub_lightning import MaskSubModule
-from masksub_lightning.checkpointing import (
+from masksub_lightning.callbacks import AlwaysLastCheckpoint
+from masksub_lightning.training.checkpoint_io import (
     TMP_SUFFIX,
-    AlwaysLastCheckpoint,
     AtomicCheckpointIO,
     CheckpointLoadError,
     CheckpointSpaceError,
@@ -46,7 +46,7 @@ def temp_files(folder: Path) -> list[Path]:
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    from masksub_lightning.checkpointing import AtomicCheckpointIO
+    from masksub_lightning.training.checkpoint_io import AtomicCheckpointIO
 
     path, mib = sys.argv[1], int(sys.argv[2])
     io = AtomicCheckpointIO()
@@ -149,7 +149,7 @@ def _umask() -> int:
 
 
 def test_stale_temp_files_of_dead_writers_are_removed_others_kept(tmp_path):
-    from masksub_lightning.checkpointing import _HOST
+    from masksub_lightning.training.checkpoint_io import _HOST
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

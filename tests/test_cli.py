@@ -17,8 +17,11 @@ import torch
 import yaml
 from PIL import Image
 
-from masksub_lightning.checkpointing import AlwaysLastCheckpoint, AtomicCheckpointIO
-from masksub_lightning.cli import ConfigError, build_cli, check_data_fits_model, is_setup_error, main
+from masksub_lightning.callbacks import AlwaysLastCheckpoint
+from masksub_lightning.commands import main
+from masksub_lightning.commands.cli import build_cli, check_data_fits_model
+from masksub_lightning.commands.errors import ConfigError, is_setup_error
+from masksub_lightning.training.checkpoint_io import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 # The paper recipes under configs/<family>/ are parsed and stepped by tests/test_recipes.py.
@@ -160,7 +163,7 @@ def test_a_config_mistake_is_one_line(case, tmp_path, capsys, monkeypatch):
 def test_a_misspelt_yaml_key_is_the_whole_stderr_of_the_command(tmp_path):
     (tmp_path / "mine.yaml").write_text(QUICKSTART.read_text().replace("sub_ratio:", "sub_ratoi:"))
     run = subprocess.run(
-        [sys.executable, "-m", "masksub_lightning.cli", "fit", "--config", str(tmp_path / "mine.yaml")],
+        [sys.executable, "-m", "masksub_lightning", "fit", "--config", str(tmp_path / "mine.yaml")],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -190,7 +193,7 @@ def test_an_unknown_option_is_suggested_and_help_still_prints(capsys, monkeypatc
 def test_console_script_exit_codes(tmp_path):
     """The installed `masksub` entry point: 0 on success, non-zero with a one-line message on a bad value."""
     exe = Path(sys.executable).with_name("masksub")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "masksub_lightning.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "masksub_lightning"]
     ok = subprocess.run(
         [*cmd, "fit", "--config", str(QUICKSTART), "--print_config"], capture_output=True, text=True
     )
@@ -208,7 +211,7 @@ def test_console_script_exit_codes(tmp_path):
 # ------------------------------------------------------------------------------------------ fast help, no torch
 NO_TORCH = """
 import sys
-from masksub_lightning.cli import main
+from masksub_lightning.commands import main
 try:
     main(sys.argv[1:])
 except SystemExit as e:
@@ -409,7 +412,7 @@ def test_a_truncated_training_image_ends_the_run_naming_it_and_the_skip_option(t
     data = [*_data("masksub_lightning.data.ImageFolderDataModule", root), "--data.num_workers=2"]
     data.append("--data.batch_size=5")  # one batch of all five train images: the bad one is drawn
     run = subprocess.run(
-        [sys.executable, "-m", "masksub_lightning.cli", "fit", "--config", str(QUICKSTART), *FAST, *data],
+        [sys.executable, "-m", "masksub_lightning", "fit", "--config", str(QUICKSTART), *FAST, *data],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -422,7 +425,7 @@ def test_a_truncated_training_image_ends_the_run_naming_it_and_the_skip_option(t
     assert run.stderr.endswith(f"{line}\n")
 
     traced = subprocess.run(  # MASKSUB_TRACEBACK=1: the traceback, whose last line is the same message
-        [sys.executable, "-m", "masksub_lightning.cli", "fit", "--config", str(QUICKSTART), *FAST, *data],
+        [sys.executable, "-m", "masksub_lightning", "fit", "--config", str(QUICKSTART), *FAST, *data],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -563,7 +566,7 @@ def test_a_failed_set_up_removes_only_the_run_folder_it_created(trained_run, tmp
 
 
 def test_resuming_clears_a_killed_runs_temporary_file_next_to_the_checkpoint(trained_run, tmp_path, capsys):
-    from masksub_lightning.checkpointing import _HOST, TMP_SUFFIX
+    from masksub_lightning.training.checkpoint_io import _HOST, TMP_SUFFIX
 
     folder = tmp_path / "old_run"
     folder.mkdir()
@@ -654,10 +657,8 @@ def test_setup_errors_are_told_apart_from_training_errors(monkeypatch):
 
 
 def test_a_diverged_run_ends_in_one_line_and_exit_1(monkeypatch, capsys):
-    import masksub_lightning.cli as cli
-
-    class NonFiniteLossError(RuntimeError):
-        pass
+    import masksub_lightning.commands.cli as cli
+    from masksub_lightning.training.guards import NonFiniteLossError  # matched by type, not by its name
 
     def diverge(args):
         raise NonFiniteLossError("non-finite loss (NaN or inf) at step 7 in the sub-branch; stopping")

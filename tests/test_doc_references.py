@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from masksub_lightning.recipes import main as recipes_main
+from masksub_lightning.commands.recipes import main as recipes_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from masksub_lightning import MaskSubModule
-from masksub_lightning.cli import main as cli_main
+from masksub_lightning.commands import main as cli_main
+from masksub_lightning.commands.export import ExportError, export_checkpoint
 from masksub_lightning.data import DigitsDataModule
-from masksub_lightning.export import ExportError, export_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRUNK = {**TINY_VIT, "depth": 1, "embed_dim": 24, "num_heads": 3}
@@ -191,7 +191,7 @@ DECODER = {"decoder_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
 @pytest.mark.parametrize("kind", ["MAEModule", "LUTModule"])
 def test_a_pre_training_checkpoint_exports_its_encoder(tmp_path, capsys, kind):
     from masksub_lightning import pretraining
-    from masksub_lightning.pretrained import load_pretrained
+    from masksub_lightning.models.weights import load_pretrained
 
     if kind == "MAEModule":
         module = pretraining.MAEModule(**PRETRAINING, **DECODER)

@@ -35,8 +35,8 @@ from test_recipes import (
     weights_format,
 )
 
-from masksub_lightning.cli import build_cli
-from masksub_lightning.network import drop_path_rates
+from masksub_lightning.commands.cli import build_cli
+from masksub_lightning.models.network import drop_path_rates
 
 STEPS_PER_EPOCH = 4
 

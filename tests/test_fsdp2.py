@@ -113,6 +113,26 @@ def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
     assert resumed["steps"] == 6
     assert_same(resumed["weights"], full["weights"], rtol=1e-6)
 
+    # masksub export: torch unpickles a sharded folder's metadata, so only with --trust-sharded.
+    out = tmp_path / "exported"
+    refused = subprocess.run(
+        [sys.executable, "-m", "masksub_lightning", "export", str(checkpoint), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "--trust-sharded" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not out.exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "masksub_lightning", "export", str(checkpoint), str(out), "--trust-sharded"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    import timm
+
+    exported = timm.create_model(f"local-dir:{out}", pretrained=True).state_dict()
+    assert_same({k: exported[k] for k in stopped["weights"]}, stopped["weights"], rtol=0)
+
 
 def test_fsdp1_is_refused_with_one_line_naming_fsdp2():
     module = MaskSubModule("vit_tiny_patch16_224", num_classes=4, model_kwargs={"img_size": 32, "depth": 1})

@@ -350,7 +350,7 @@ def test_any_nn_module_works():
 
 # ---------------------------------------------------------------------------------------------- optimizer, metrics
 def test_weight_decay_excludes_norms_biases_position_embeddings_and_tokens():
-    from masksub_lightning.optim import build_optimizer
+    from masksub_lightning.training.optim import build_optimizer
 
     module = vit_module()
 

@@ -1,4 +1,4 @@
-"""masksub_lightning.network: the classifier head's width, for timm models and plain modules alike."""
+"""masksub_lightning.models.network: the classifier head's width, for timm models and plain modules alike."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import TINY_RESNET, TINY_VIT
 from torch import nn
 
 from masksub_lightning import MaskSubModule
-from masksub_lightning.network import create_network, head_width
+from masksub_lightning.models.network import create_network, head_width
 
 
 class Plain(nn.Module):

@@ -10,7 +10,7 @@ from conftest import make_loader, quiet_trainer, tiny_vit_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from masksub_lightning import MaskSubModule
-from masksub_lightning.guards import NonFiniteLossError, NonFiniteMonitor
+from masksub_lightning.training.guards import NonFiniteLossError, NonFiniteMonitor
 
 
 class Poisoned(MaskSubModule):

@@ -111,7 +111,7 @@ def test_installed_wheel_lists_and_runs_recipes_outside_the_checkout(wheel, tmp_
 
     listed = run("recipes")
     assert listed.returncode == 0, listed.stderr
-    from masksub_lightning.recipes import PACKAGED_CONFIGS, find_recipes
+    from masksub_lightning.commands.recipes import PACKAGED_CONFIGS, find_recipes
 
     count = len(find_recipes(PACKAGED_CONFIGS))  # the checkout's recipes: the wheel must list the same number
     assert "deit3/vit_base_400ep.yaml" in listed.stdout and f"{count} recipe(s)" in listed.stdout

@@ -13,8 +13,8 @@ from PIL import Image
 
 from masksub_lightning import MaskSubModule
 from masksub_lightning.callbacks import BranchGradients, MaskedInputLoss
-from masksub_lightning.cli import main as cli_main
-from masksub_lightning.plot import _run_names, find_runs, plot_runs, read_run
+from masksub_lightning.commands import main as cli_main
+from masksub_lightning.commands.plot import _run_names, find_runs, plot_runs, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def test_missing_matplotlib_is_one_clear_error(tmp_path, monkeypatch):
 def test_plot_does_not_import_torch(tmp_path):
     run = write_run(tmp_path / "run")
     code = (
-        "import sys\nfrom masksub_lightning.cli import main\n"
+        "import sys\nfrom masksub_lightning.commands import main\n"
         f"main(['plot', {str(run)!r}, '--out', {str(tmp_path)!r}])\n"
         "print('HEAVY', sorted(m for m in ('torch', 'lightning', 'timm') if m in sys.modules))"
     )

@@ -1,4 +1,4 @@
-"""Tests for masksub_lightning.pretrained: checkpoints written in the real formats, loaded into tiny timm ViTs."""
+"""Tests for masksub_lightning.models.weights: checkpoints written in the real formats, loaded into tiny timm ViTs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
-from masksub_lightning.pretrained import SUPPORTED_SUFFIXES, LoadReport, detect_source, load_pretrained
+from masksub_lightning.models.weights import SUPPORTED_SUFFIXES, LoadReport, detect_source, load_pretrained
 
 DIM = 48
 
@@ -530,7 +530,7 @@ def test_strict_encoder_names_missing_tensors_and_default_warns(tmp_path, caplog
     ):
         load_pretrained(tiny_vit(depth=3), path, strict_encoder=True)
 
-    with caplog.at_level(logging.WARNING, logger="masksub_lightning.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="masksub_lightning.models.weights"):
         report = load_pretrained(tiny_vit(depth=3), path)
     assert report.missing_encoder_keys == [
         k for k in tiny_vit(depth=3).state_dict() if k.startswith("blocks.2.")

@@ -1,4 +1,4 @@
-"""MAE / LUT pre-training (masksub_lightning.pretraining), checked against independent computations."""
+"""MAE / LUT pre-training (masksub_lightning.modules.pretraining), checked against independent computations."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from masksub_lightning.pretrained import load_pretrained
-from masksub_lightning.pretraining import (
+from masksub_lightning.models.weights import load_pretrained
+from masksub_lightning.modules.pretraining import (
     LUTModule,
     MAEModule,
     bc_loss,

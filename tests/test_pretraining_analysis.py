@@ -1,4 +1,4 @@
-"""ViT analyses (masksub_lightning.analysis_vit) against brute-force computations."""
+"""ViT analyses (masksub_lightning.models.vit_analysis) against brute-force computations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from masksub_lightning.analysis_vit import (
+from masksub_lightning.models.vit_analysis import (
     attention_maps,
     average_attention_distance,
     effective_rank,

@@ -17,8 +17,9 @@ import pytest
 import torch
 from test_recipes import CPU_RUN, TINY_VIT, make_parser
 
-from masksub_lightning.cli import ConfigError, build_cli
-from masksub_lightning.recipes import find_recipes
+from masksub_lightning.commands.cli import build_cli
+from masksub_lightning.commands.errors import ConfigError
+from masksub_lightning.commands.recipes import find_recipes
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from fake_data import write_imagenet

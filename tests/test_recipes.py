@@ -27,9 +27,9 @@ import yaml
 from jsonargparse import capture_parser
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
-from masksub_lightning.cli import build_cli
-from masksub_lightning.cli import main as cli_main
-from masksub_lightning.recipes import (
+from masksub_lightning.commands import main as cli_main
+from masksub_lightning.commands.cli import build_cli
+from masksub_lightning.commands.recipes import (
     Recipe,
     RecipeHeaderError,
     find_recipes,
@@ -37,7 +37,7 @@ from masksub_lightning.recipes import (
     load_recipe,
     read_header,
 )
-from masksub_lightning.recipes import main as recipes_main
+from masksub_lightning.commands.recipes import main as recipes_main
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from fake_data import (
@@ -741,7 +741,7 @@ def test_masksub_recipes_console_command_exits_0():
         [
             sys.executable,
             "-c",
-            "from masksub_lightning.cli import main; main()",
+            "from masksub_lightning.commands import main; main()",
             "recipes",
             "--filter",
             "mae/",

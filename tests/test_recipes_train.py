@@ -42,9 +42,9 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.plugins import MixedPrecision
 from test_recipes import FAKE_DATA, make_fake, make_parser, resolve, shrink, weights_format
 
-from masksub_lightning.cli import build_cli
-from masksub_lightning.recipes import PACKAGED_CONFIGS, Recipe, find_recipes
-from masksub_lightning.recipes import main as recipes_main
+from masksub_lightning.commands.cli import build_cli
+from masksub_lightning.commands.recipes import PACKAGED_CONFIGS, Recipe, find_recipes
+from masksub_lightning.commands.recipes import main as recipes_main
 
 sys.path.insert(0, str(Path(__file__).parent))  # recipe_train_callbacks, named by class_path below
 sys.path.insert(0, str(Path(__file__).parent / "data"))
@@ -180,7 +180,7 @@ def recipe_args(
         "--data.init_args.persistent_workers=false",
         *(f"--model.init_args.model_kwargs.{k}={json.dumps(v)}" for k, v in kwargs.items()),
         callback_arg(
-            "masksub_lightning.resume.ResumeCheckpoint", every_n_train_steps=SAVE_AT, dirpath=str(out)
+            "masksub_lightning.callbacks.ResumeCheckpoint", every_n_train_steps=SAVE_AT, dirpath=str(out)
         ),
         callback_arg("recipe_train_callbacks.StepRecorder"),
     ]

@@ -23,11 +23,10 @@ import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from masksub_lightning import MaskSubModule
-from masksub_lightning.checkpointing import AlwaysLastCheckpoint
+from masksub_lightning.callbacks import AlwaysLastCheckpoint, ResumeCheckpoint
 from masksub_lightning.data import DigitsDataModule
-from masksub_lightning.resume import (
+from masksub_lightning.training.resume import (
     RNG_KEY,
-    ResumeCheckpoint,
     capture_rng_state,
     set_rng_state,
     stash_rng_states,
@@ -312,7 +311,7 @@ def _config(tmp_path: Path, family: str) -> Path:
                 {"class_path": "test_resume.FinalWeights"},
                 {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}},
                 {
-                    "class_path": "masksub_lightning.resume.ResumeCheckpoint",
+                    "class_path": "masksub_lightning.callbacks.ResumeCheckpoint",
                     "init_args": {"every_n_train_steps": 2},
                 },
                 {"class_path": "test_resume.KillAt"},
@@ -337,7 +336,7 @@ def _masksub_fit(config: Path, root: Path, weights: Path, kill: str = "", ckpt: 
         "MASKSUB_TEST_KILL": kill,
         "MASKSUB_TEST_WEIGHTS": str(weights),
     }
-    cmd = [sys.executable, "-m", "masksub_lightning.cli", "fit", "--config", str(config)]
+    cmd = [sys.executable, "-m", "masksub_lightning", "fit", "--config", str(config)]
     cmd += ["--trainer.default_root_dir", str(root)]
     if ckpt is not None:
         cmd += ["--ckpt_path", str(ckpt)]

@@ -1,6 +1,6 @@
 """A checkpoint resumed with another world size, batch size or gradient accumulation (the global batch kept).
 
-Lightning's batch counters are per process; :mod:`masksub_lightning.resume` moves them to the same sample of the
+Lightning's batch counters are per process; :mod:`masksub_lightning.training.resume` moves them to the same sample of the
 epoch in the new unit before Lightning restores them, and refuses layouts that cannot continue exactly.
 """
 
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from masksub_lightning.resume import (
+from masksub_lightning.training.resume import (
     LAYOUT_KEY,
     LOADER_KEY,
     RNG_KEY,

@@ -40,9 +40,10 @@ from test_resume import DATA as DIGITS
 from test_resume import FAMILIES, FinalWeights, assert_bitwise_equal
 
 from masksub_lightning import MaskSubModule
-from masksub_lightning.cli import build_cli, main
+from masksub_lightning.callbacks import ResumeCheckpoint
+from masksub_lightning.commands import main
+from masksub_lightning.commands.cli import build_cli
 from masksub_lightning.data import DigitsDataModule
-from masksub_lightning.resume import ResumeCheckpoint
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from fake_data import write_image_folder
@@ -129,7 +130,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process_with_twice_the_accumula
     monkeypatch.setenv("MASKSUB_TEST_LOG", str(tmp_path / "log{rank}.jsonl"))
     args = fit_args(Path(two_nodes.parent / "config.yaml"), tmp_path)[
         3:
-    ]  # without "-m masksub_lightning.cli fit"
+    ]  # without "-m masksub_lightning fit"
     cli = build_cli([*args, "--trainer.strategy=auto", "--model.init_args.grad_accumulation=2"], run=False)
     with pytest.warns(UserWarning, match="resuming a checkpoint of 2 processes on 1: the epoch continues"):
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt)
@@ -304,8 +305,7 @@ def test_a_run_killed_mid_epoch_resumes_on_another_world_size(
     3 steps into epoch 1, on the other world size with the global batch kept: the uninterrupted run's samples,
     step for step, and its learning rates; the epoch as a whole has every sample as often as expected.
 
-    A changed grad_accumulation runs through ``scale_helpers`` (masksub with the proposed RESUME_MAY_CHANGE);
-    a changed batch_size through ``masksub`` itself.
+    Both a changed grad_accumulation and a changed batch_size run through ``masksub`` itself.
     """
     config = write_config(
         tmp_path / "config.yaml", folder, every=4, model={"grad_accumulation": accumulation}
@@ -314,10 +314,7 @@ def test_a_run_killed_mid_epoch_resumes_on_another_world_size(
     cut = launch(tmp_path / "cut", config, 1, world, signals="KILL@9")
     ckpt = cut / "checkpoints" / "resume.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 8
-    entry = "scale_helpers" if "grad_accumulation" in change else "masksub_lightning.cli"
-    resumed = launch(
-        tmp_path / "resumed", config, 1, new_world, change, "--ckpt_path", str(ckpt), entry=entry
-    )
+    resumed = launch(tmp_path / "resumed", config, 1, new_world, change, "--ckpt_path", str(ckpt))
     assert (
         f"resuming a checkpoint of {world} processes on {new_world}" in (resumed / "output.txt").read_text()
     )

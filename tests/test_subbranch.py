@@ -10,7 +10,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from masksub_lightning import MaskSubModule, masking
-from masksub_lightning.subbranch import (
+from masksub_lightning.method.subbranch import (
     SUB_BRANCHES,
     DropoutSubBranch,
     DropPathSubBranch,
@@ -266,7 +266,9 @@ def test_mask_token_regions_follow_the_same_rule():
         ValueError, match=r"cell_size=128 cannot mask 64x64 images \(16x16 tokens at stride 4\)"
     ):
         MaskTokenSubBranch(0.5, cell_size=128).setup(swin())  # strict patch embedding: at setup
-    with pytest.raises(ValueError, match=r"52x52 images \(13x13 tokens.*Cell sizes that fit: none"):
+    with pytest.raises(
+        ValueError, match=r"52x52 images \(13x13 tokens.*Cell sizes that tile 52x52 into >= 4 cells: none"
+    ):
         MaskTokenSubBranch(0.5, cell_size=32).region_for((52, 52), 4)
 
 

@@ -1,6 +1,6 @@
 """Analysis callbacks: what MaskSub does during training, cheap enough to leave on.
 
-Three Lightning callbacks for :class:`~masksub_lightning.module.MaskSubModule` runs, usable from Python
+Three Lightning callbacks for :class:`~masksub_lightning.modules.masksub.MaskSubModule` runs, usable from Python
 (``Trainer(callbacks=[...])``) and from YAML::
 
     trainer:
@@ -39,7 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from masksub_lightning.subbranch import (
+from masksub_lightning.method.subbranch import (
     DropoutSubBranch,
     DropPathSubBranch,
     SubBranch,

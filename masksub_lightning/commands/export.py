@@ -40,10 +40,20 @@ class ExportError(ValueError):
     """The checkpoint cannot be exported as asked (no timm name, no EMA weights, an occupied output folder)."""
 
 
-def _load(path: Path) -> dict[str, Any]:
-    from masksub_lightning.checkpointing import load_checkpoint_file
+def _load(path: Path, trust_sharded: bool = False) -> dict[str, Any]:
+    from masksub_lightning.training.checkpoint_io import load_checkpoint_file
 
-    ckpt = load_checkpoint_file(path, map_location="cpu", weights_only=True)
+    if path.is_dir():
+        if not trust_sharded:
+            raise ExportError(
+                f"{path} is a sharded checkpoint folder (FSDP2): torch reads its metadata with pickle, which can "
+                "run code, so it is opened only with --trust-sharded (for folders you wrote yourself)"
+            )
+        from masksub_lightning.training.sharding import load_sharded_checkpoint
+
+        ckpt = load_sharded_checkpoint(path)
+    else:
+        ckpt = load_checkpoint_file(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ExportError(f"{path} is not a MaskSubModule checkpoint (no state_dict / hyper_parameters)")
     return ckpt
@@ -68,7 +78,7 @@ def _pretraining_class(ckpt: dict[str, Any]) -> str | None:
 
 def _export_encoder(ckpt_path: Path, out: Path, weights: str) -> Path:
     """The encoder of a pre-training checkpoint, in the released-MAE layout, as ``out/encoder.pth``."""
-    from masksub_lightning.pretraining import ENCODER_FILE, export_encoder
+    from masksub_lightning.modules.pretraining import ENCODER_FILE, export_encoder
 
     if weights != "auto":
         raise ExportError(
@@ -214,11 +224,12 @@ def export_checkpoint(
     out_dir: str | Path,
     weights: Literal["auto", "ema", "raw"] = "auto",
     overwrite: bool = False,
+    trust_sharded: bool = False,
 ) -> Path:
     """Write the checkpoint's network as a timm model folder (see the module docstring); returns ``out_dir``.
 
     An MAE / LUT pre-training checkpoint has no classifier: its encoder is written as ``out_dir/encoder.pth``
-    (``masksub_lightning.pretraining.export_encoder``, the file ``pretrained_weights`` loads), and that file is
+    (``masksub_lightning.modules.pretraining.export_encoder``, the file ``pretrained_weights`` loads), and that file is
     returned.
 
     Args:
@@ -226,6 +237,7 @@ def export_checkpoint(
         out_dir: the folder to write; must be empty or absent unless ``overwrite``.
         weights: ``ema`` (error if there are none), ``raw``, or ``auto`` (EMA when the checkpoint has them).
         overwrite: replace the files of an existing export in ``out_dir``.
+        trust_sharded: read a sharded (FSDP2) checkpoint folder, whose metadata torch unpickles: only your own.
 
     Raises:
         ExportError: no timm model name in the hyperparameters, ``ema`` without EMA weights, an occupied
@@ -234,26 +246,16 @@ def export_checkpoint(
     """
     if weights not in ("auto", "ema", "raw"):
         raise ValueError(f"weights must be 'auto', 'ema' or 'raw', got {weights!r}")
-    import timm
     from timm.models import save_for_hf
 
     ckpt_path, out = Path(checkpoint), Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"OUT_DIR {str(out)!r} is not empty; choose another folder or pass --overwrite")
-    ckpt = _load(ckpt_path)
+    ckpt = _load(ckpt_path, trust_sharded)
     if _pretraining_class(ckpt) is not None:
         return _export_encoder(ckpt_path, out, weights)
     hp = dict(ckpt["hyper_parameters"])
-    name = hp.get("model")
-    if not isinstance(name, str):
-        raise ExportError(
-            f"{ckpt_path} does not name a timm model (the module was built from an nn.Module object); "
-            "export needs a run whose `model` was a timm model name"
-        )
-    num_classes = int(hp["num_classes"])
-    model_kwargs = _jsonable(dict(hp.get("model_kwargs") or {}))
-    model_kwargs.pop("num_classes", None)
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
+    model, name, num_classes, model_kwargs = _rebuild(ckpt, hp, ckpt_path)
     state, kind = _select_weights(ckpt, weights, ckpt_path)
     state = _network_state(state)
     problem = _misfit(model.state_dict(), state)
@@ -267,44 +269,15 @@ def export_checkpoint(
     run_dir = _run_dir(ckpt_path)
     config = _read_config(run_dir)
     data_class, data_args = _data_description(ckpt, config)
-    data_config = {}
-    # The evaluation preprocessing the network was trained for (DataModule argument -> timm data-config key).
-    for arg, key in (
-        ("mean", "mean"),
-        ("std", "std"),
-        ("eval_crop_pct", "crop_pct"),
-        ("interpolation", "interpolation"),
-    ):
-        value = data_args.get(arg)
-        if value is not None:
-            data_config[key] = tuple(value) if isinstance(value, (list, tuple)) else value
-    if ("mean" in data_args or "std" in data_args) and not {"mean", "std"} <= data_config.keys():
-        # mean / std None: the DataModule normalised with ImageNet's (or norm_from_model's), not the timm model's
-        # own default (0.5 for many ViTs), so write the values it actually used.
-        from masksub_lightning.data.base import ImageClassificationDataModule
-
-        mean, std = ImageClassificationDataModule._resolve_norm(
-            data_args.get("mean"), data_args.get("std"), data_args.get("norm_from_model")
-        )
-        data_config["mean"], data_config["std"] = tuple(mean), tuple(std)
-
     out.mkdir(parents=True, exist_ok=True)
     save_for_hf(
         model,
         str(out),
         model_args={**model_kwargs, "num_classes": num_classes},
         safe_serialization=True,
-        data_config=data_config or None,
+        data_config=_eval_preprocessing(data_args) or None,
     )
-    # The source tag / licence of timm's pretrained config describe timm's weights, not these.
-    config_path = out / "config.json"
-    exported = json.loads(config_path.read_text())
-    cfg = exported.get("pretrained_cfg", {})
-    for key in ("license", "hf_hub_id", "origin_url", "paper_ids", "paper_name", "notes"):
-        cfg.pop(key, None)
-    cfg["tag"] = "masksub"
-    config_path.write_text(json.dumps(exported, indent=2) + "\n")
-
+    cfg = _retag_config(out / "config.json")
     if config is not None:
         shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
     val_top1 = _val_top1(ckpt, run_dir)
@@ -327,8 +300,62 @@ def export_checkpoint(
     return out
 
 
+def _rebuild(
+    ckpt: dict[str, Any], hp: dict[str, Any], ckpt_path: Path
+) -> tuple[Any, str, int, dict[str, Any]]:
+    """(the timm network the checkpoint describes, its name, class count, model kwargs), freshly initialised."""
+    import timm
+
+    name = hp.get("model")
+    if not isinstance(name, str):
+        raise ExportError(
+            f"{ckpt_path} does not name a timm model (the module was built from an nn.Module object); "
+            "export needs a run whose `model` was a timm model name"
+        )
+    num_classes = int(hp["num_classes"])
+    model_kwargs = _jsonable(dict(hp.get("model_kwargs") or {}))
+    model_kwargs.pop("num_classes", None)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
+    return model, name, num_classes, model_kwargs
+
+
+def _eval_preprocessing(data_args: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation preprocessing the network was trained for, as timm data-config keys."""
+    data_config = {}
+    for arg, key in (
+        ("mean", "mean"),
+        ("std", "std"),
+        ("eval_crop_pct", "crop_pct"),
+        ("interpolation", "interpolation"),
+    ):
+        value = data_args.get(arg)
+        if value is not None:
+            data_config[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    if ("mean" in data_args or "std" in data_args) and not {"mean", "std"} <= data_config.keys():
+        # mean / std None: the DataModule normalised with ImageNet's (or norm_from_model's), not the timm model's
+        # own default (0.5 for many ViTs), so write the values it actually used.
+        from masksub_lightning.data.base import ImageClassificationDataModule
+
+        mean, std = ImageClassificationDataModule._resolve_norm(
+            data_args.get("mean"), data_args.get("std"), data_args.get("norm_from_model")
+        )
+        data_config["mean"], data_config["std"] = tuple(mean), tuple(std)
+    return data_config
+
+
+def _retag_config(config_path: Path) -> dict[str, Any]:
+    """Drop what timm's pretrained config says about timm's own weights (source, licence); tag ``masksub``."""
+    exported = json.loads(config_path.read_text())
+    cfg = exported.get("pretrained_cfg", {})
+    for key in ("license", "hf_hub_id", "origin_url", "paper_ids", "paper_name", "notes"):
+        cfg.pop(key, None)
+    cfg["tag"] = "masksub"
+    config_path.write_text(json.dumps(exported, indent=2) + "\n")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``masksub export`` (``masksub_lightning.cli`` routes the sub-command here)."""
+    """Entry point of ``masksub export`` (``masksub_lightning.commands.cli`` routes the sub-command here)."""
     parser = argparse.ArgumentParser(
         prog="masksub export",
         description="Write a MaskSubModule checkpoint's network as a timm model folder (config.json, "
@@ -344,9 +371,16 @@ def main(argv: list[str] | None = None) -> None:
     which.add_argument("--ema", action="store_const", const="ema", dest="weights", help="the EMA weights")
     which.add_argument("--raw", action="store_const", const="raw", dest="weights", help="the raw weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT_DIR")
+    parser.add_argument(
+        "--trust-sharded",
+        action="store_true",
+        help="read a sharded (FSDP2) checkpoint folder; torch unpickles its metadata, so only folders you wrote",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, args.weights or "auto", args.overwrite)
+        out = export_checkpoint(
+            args.checkpoint, args.out_dir, args.weights or "auto", args.overwrite, args.trust_sharded
+        )
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"masksub export: error: {err}\n")
     if out.is_file():  # a pre-training checkpoint's encoder

@@ -140,87 +140,14 @@ def plot_runs(paths: Sequence[str | Path], out_dir: str | Path = ".") -> list[Pa
     runs = [read_run(f, n) for f, n in zip(files, _run_names(files))]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    colors = [f"C{i % 10}" for i in range(len(runs))]
     written: list[Path] = []
-
-    def save(fig: Any, filename: str) -> None:
+    for filename, draw in _FIGURES:
+        fig = draw(figure_class, runs)
+        if fig is None:  # none of the runs logged what this figure shows
+            continue
         fig.tight_layout()
         fig.savefig(out / filename, dpi=120)
         written.append(out / filename)
-
-    # Training losses per branch: per epoch when the module logged epoch means.
-    loss_source = "epochs" if any("train_loss_main" in r.epochs for r in runs) else "steps"
-    if any("train_loss_main" in getattr(r, loss_source) for r in runs):
-        fig = figure_class(figsize=(7, 4.2))
-        ax = fig.add_subplot()
-        for run, color in zip(runs, colors):
-            series = getattr(run, loss_source)
-            for column, style in (("train_loss_main", "-"), ("train_loss_sub", "--")):
-                if column in series:
-                    label = f"{run.name}: {column.removeprefix('train_loss_')}"
-                    ax.plot(*zip(*series[column]), style, color=color, marker="o", ms=2.5, label=label)
-        ax.set(
-            xlabel=loss_source[:-1], ylabel="training loss", yscale="log", title="training loss per branch"
-        )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, "losses.png")
-
-    if any("val_acc1" in r.epochs for r in runs):
-        fig = figure_class(figsize=(7, 4.2))
-        ax = fig.add_subplot()
-        for run, color in zip(runs, colors):
-            if "val_acc1" in run.epochs:
-                ax.plot(*zip(*run.epochs["val_acc1"]), "-o", color=color, ms=2.5, label=run.name)
-        ax.set(xlabel="epoch", ylabel="val top-1", title="validation top-1 (main branch)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, "val_acc1.png")
-
-    if any("branch_grad_norm_main" in r.steps for r in runs):
-        fig = figure_class(figsize=(12, 4.2))
-        ax_norm, ax_cos = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-        for run, color in zip(runs, colors):
-            for column, style in (("branch_grad_norm_main", "-"), ("branch_grad_norm_sub", "--")):
-                if column in run.steps:
-                    label = f"{run.name}: {column.removeprefix('branch_grad_norm_')}"
-                    ax_norm.plot(*zip(*run.steps[column]), style, color=color, label=label)
-            if "branch_grad_cosine" in run.steps:
-                ax_cos.plot(*zip(*run.steps["branch_grad_cosine"]), "-", color=color, label=run.name)
-        ax_norm.set(xlabel="step", ylabel="gradient L2 norm", yscale="log", title="gradient norm per branch")
-        ax_cos.set(xlabel="step", ylabel="cosine", title="cosine(main gradient, sub gradient)")
-        ax_cos.axhline(0.0, color="0.6", lw=0.8)
-        for ax in (ax_norm, ax_cos):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        save(fig, "branch_gradients.png")
-
-    if any("masked_input_loss" in r.epochs for r in runs):
-        fig = figure_class(figsize=(7, 4.2))
-        ax = fig.add_subplot()
-        for run, color in zip(runs, colors):
-            for column, style in (("clean_input_loss", "-"), ("masked_input_loss", "--")):
-                if column in run.epochs:
-                    label = f"{run.name}: {column.removesuffix('_input_loss')}"
-                    ax.plot(*zip(*run.epochs[column]), style, color=color, marker="o", ms=2.5, label=label)
-        ax.set(
-            xlabel="epoch", ylabel="held-out loss (true labels)", yscale="log", title="clean vs masked inputs"
-        )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, "masked_input.png")
-
-    if any("lr" in r.steps for r in runs):
-        fig = figure_class(figsize=(7, 3.5))
-        ax = fig.add_subplot()
-        for run, color in zip(runs, colors):
-            if "lr" in run.steps:
-                ax.plot(*zip(*run.steps["lr"]), "-", color=color, label=run.name)
-        ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, "lr.png")
-
     if not written:
         names = ", ".join(str(f) for f in files)
         raise ValueError(
@@ -229,8 +156,96 @@ def plot_runs(paths: Sequence[str | Path], out_dir: str | Path = ".") -> list[Pa
     return written
 
 
+def _lines(ax: Any, runs: list[Any], source: str, columns: Sequence[tuple[str, str, str]]) -> None:
+    """One line per run and column (``(column, line style, label suffix)``; no suffix: the run's name alone)."""
+    for i, run in enumerate(runs):
+        series = getattr(run, source)
+        for column, style, suffix in columns:
+            if column in series:
+                label = f"{run.name}: {suffix}" if suffix else run.name
+                ax.plot(*zip(*series[column]), style, color=f"C{i % 10}", ms=2.5, label=label)
+
+
+def _finish(ax: Any, **settings: Any) -> None:
+    ax.set(**settings)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _one_axes_figure(figure_class: Any, runs, source, columns, size=(7, 4.2), **settings) -> Any:
+    """A figure of ``columns`` from each run's ``source`` table (epochs / steps), or None if no run has them."""
+    if not any(column in getattr(r, source) for r in runs for column, _, _ in columns):
+        return None
+    fig = figure_class(figsize=size)
+    ax = fig.add_subplot()
+    _lines(ax, runs, source, columns)
+    _finish(ax, **settings)
+    return fig
+
+
+def _loss_figure(figure_class: Any, runs: list[Any]) -> Any:
+    """Training losses per branch: per epoch when the module logged epoch means."""
+    source = "epochs" if any("train_loss_main" in r.epochs for r in runs) else "steps"
+    columns = (("train_loss_main", "-o", "main"), ("train_loss_sub", "--o", "sub"))
+    return _one_axes_figure(
+        figure_class, runs, source, columns, xlabel=source[:-1], ylabel="training loss", yscale="log",
+        title="training loss per branch",
+    )  # fmt: skip
+
+
+def _val_figure(figure_class: Any, runs: list[Any]) -> Any:
+    return _one_axes_figure(
+        figure_class, runs, "epochs", (("val_acc1", "-o", ""),), xlabel="epoch", ylabel="val top-1",
+        title="validation top-1 (main branch)",
+    )  # fmt: skip
+
+
+def _gradient_figure(figure_class: Any, runs: list[Any]) -> Any:
+    """Per-branch gradient norms (BranchGradients) and the cosine between the two gradients."""
+    if not any("branch_grad_norm_main" in r.steps for r in runs):
+        return None
+    fig = figure_class(figsize=(12, 4.2))
+    ax_norm, ax_cos = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    _lines(
+        ax_norm,
+        runs,
+        "steps",
+        (("branch_grad_norm_main", "-", "main"), ("branch_grad_norm_sub", "--", "sub")),
+    )
+    _lines(ax_cos, runs, "steps", (("branch_grad_cosine", "-", ""),))
+    ax_cos.axhline(0.0, color="0.6", lw=0.8)
+    _finish(ax_norm, xlabel="step", ylabel="gradient L2 norm", yscale="log", title="gradient norm per branch")
+    _finish(ax_cos, xlabel="step", ylabel="cosine", title="cosine(main gradient, sub gradient)")
+    return fig
+
+
+def _masked_input_figure(figure_class: Any, runs: list[Any]) -> Any:
+    columns = (("clean_input_loss", "-o", "clean"), ("masked_input_loss", "--o", "masked"))
+    return _one_axes_figure(
+        figure_class, runs, "epochs", columns, xlabel="epoch", ylabel="held-out loss (true labels)",
+        yscale="log", title="clean vs masked inputs",
+    )  # fmt: skip
+
+
+def _lr_figure(figure_class: Any, runs: list[Any]) -> Any:
+    return _one_axes_figure(
+        figure_class, runs, "steps", (("lr", "-", ""),), size=(7, 3.5), xlabel="step", ylabel="learning rate",
+        title="learning rate",
+    )  # fmt: skip
+
+
+#: The figures, in the order they are written: file name and what draws it.
+_FIGURES = (
+    ("losses.png", _loss_figure),
+    ("val_acc1.png", _val_figure),
+    ("branch_gradients.png", _gradient_figure),
+    ("masked_input.png", _masked_input_figure),
+    ("lr.png", _lr_figure),
+)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``masksub plot`` (``masksub_lightning.cli`` routes the sub-command here)."""
+    """Entry point of ``masksub plot`` (``masksub_lightning.commands.cli`` routes the sub-command here)."""
     parser = argparse.ArgumentParser(
         prog="masksub plot",
         description="PNG figures (losses per branch, val top-1, branch gradient norms and cosine, held-out "

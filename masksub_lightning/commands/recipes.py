@@ -190,7 +190,7 @@ def find_recipes(configs_dir: str | Path) -> list[Recipe]:
 
 
 #: The recipes installed with the package (a source checkout's ``./configs`` links here).
-PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 #: Prefix that names a recipe explicitly: ``masksub fit --config recipe:deit3/vit_base_400ep``.
 RECIPE_PREFIX = "recipe:"
@@ -273,7 +273,7 @@ def format_table(recipes: Sequence[Recipe]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``masksub recipes`` (``masksub_lightning.cli`` routes the sub-command here)."""
+    """Entry point of ``masksub recipes`` (``masksub_lightning.commands.cli`` routes the sub-command here)."""
     parser = argparse.ArgumentParser(
         prog="masksub recipes",
         description="List the training recipes (configs/**/*.yaml with a '# recipe:' header) and the paper's "

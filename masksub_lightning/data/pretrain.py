@@ -1,4 +1,4 @@
-"""Data for MAE / LUT pre-training (:mod:`masksub_lightning.pretraining`): the same datasets, other train views.
+"""Data for MAE / LUT pre-training (:mod:`masksub_lightning.modules.pretraining`): the same datasets, other train views.
 
 ``views="mae"``: one view per image, MAE's augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + flip.
 ``views="lut"``: two views per image, stacked as (2, C, H, W) (batches (B, 2, C, H, W)), LUT's augmentations::

@@ -468,7 +468,7 @@ def _datamodule_class(name: str) -> type:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``masksub data`` (``masksub_lightning.cli`` routes the sub-command here)."""
+    """Entry point of ``masksub data`` (``masksub_lightning.commands.cli`` routes the sub-command here)."""
     parser = argparse.ArgumentParser(prog="masksub data", description="Prepare datasets for training.")
     sub = parser.add_subparsers(dest="command", required=True)
     opt = sub.add_parser(

@@ -42,7 +42,8 @@ from timm.layers.patch_dropout import PatchDropoutWithIndices, patch_dropout_for
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from masksub_lightning import masking, network
+from masksub_lightning.method import masking
+from masksub_lightning.models import network
 
 #: Registered kind name -> its class.
 SUB_BRANCHES: dict[str, type[SubBranch]] = {}
@@ -304,17 +305,7 @@ class PixelMaskSubBranch(SubBranch):
         """The cell side used on ``image_hw`` images (see the class docstring); ValueError when none fits."""
         image_hw = (int(image_hw[0]), int(image_hw[1]))
         if image_hw not in self._cells:
-            cell = masking.tiling_cell_size(image_hw, self.cell_size)
-            if cell is None:
-                fits = [c for c in masking.tiling_cell_sizes(image_hw) if c > 1]
-                raise ValueError(
-                    f"{self.name}: cell_size={self.cell_size} cannot mask {image_hw[0]}x{image_hw[1]} images at "
-                    f"ratio {self.ratio}: cells must tile the image exactly, number at least 4 and be at least "
-                    f"half of cell_size ({(self.cell_size + 1) // 2} px). Cell sizes that tile "
-                    f"{image_hw[0]}x{image_hw[1]} into >= 4 cells: {fits or 'none'}; set sub_branch_kwargs.cell_size "
-                    "to one of them or resize the images"
-                )
-            self._cells[image_hw] = cell
+            self._cells[image_hw] = tiling_side(self, image_hw, stride=1)
         return self._cells[image_hw]
 
     @contextlib.contextmanager
@@ -471,7 +462,7 @@ class MaskTokenSubBranch(SubBranch):
         self._active_mask: Tensor | None = None
         self._last_tokens: tuple[Tensor, int, tuple[int, int]] | None = None
         self._hooks: dict[int, RemovableHandle] = {}  # id(patch_embed) -> its replacement hook
-        self._regions: dict[tuple[int, int], int] = {}
+        self._regions: dict[tuple[int, int, int], int] = {}  # (token rows, token cols, stride) -> side
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio}, cell_size={self.cell_size})"
@@ -515,19 +506,10 @@ class MaskTokenSubBranch(SubBranch):
 
     def region_for(self, image_hw: tuple[int, int], stride: int) -> int:
         """Region side in tokens on ``image_hw`` images at patch ``stride``; ValueError when none fits."""
-        token_hw = (int(image_hw[0]) // stride, int(image_hw[1]) // stride)
-        if token_hw not in self._regions:
-            side = masking.tiling_cell_size(token_hw, self.cell_size // stride)
-            if side is None:
-                fits = [stride * s for s in masking.tiling_cell_sizes(token_hw) if s > 1]
-                raise ValueError(
-                    f"{self.name}: cell_size={self.cell_size} cannot mask {image_hw[0]}x{image_hw[1]} images "
-                    f"({token_hw[0]}x{token_hw[1]} tokens at stride {stride}) at ratio {self.ratio}: regions must "
-                    f"tile the token grid exactly, number at least 4 and be at least half of cell_size. Cell sizes "
-                    f"that fit: {fits or 'none'}; set sub_branch_kwargs.cell_size to one of them or resize the images"
-                )
-            self._regions[token_hw] = side
-        return self._regions[token_hw]
+        key = (int(image_hw[0]) // stride, int(image_hw[1]) // stride, stride)
+        if key not in self._regions:
+            self._regions[key] = tiling_side(self, image_hw, stride)
+        return self._regions[key]
 
     def _replace_masked_tokens(self, module: nn.Module, args: Any, tokens: Tensor) -> Tensor | None:
         if self._active_mask is None:
@@ -632,3 +614,28 @@ class DropPathSubBranch(SubBranch):
         layers = [m for m in model.modules() if isinstance(m, DropPath)]
         with _attribute_set(layers, "drop_prob", self.ratio):
             yield images
+
+
+def tiling_side(branch: SubBranch, image_hw: tuple[int, int], stride: int) -> int:
+    """The side (in grid units) of the square cells a masking kind uses on ``image_hw`` images, one rule for all.
+
+    The grid is the image's pixels (``stride`` 1: pixel masks) or its tokens at patch ``stride`` (mask-token
+    regions); the side is the largest one up to ``branch.cell_size`` (in pixels) that tiles the grid exactly into
+    at least 4 cells and is at least half of it (:func:`masking.tiling_cell_size`).
+
+    Raises:
+        ValueError: none fits; the message lists the cell sizes (in pixels) that would.
+    """
+    h, w = int(image_hw[0]), int(image_hw[1])
+    grid = (h // stride, w // stride)
+    side = masking.tiling_cell_size(grid, branch.cell_size // stride)
+    if side is not None:
+        return side
+    fits = [stride * c for c in masking.tiling_cell_sizes(grid) if c > 1]
+    tokens = f" ({grid[0]}x{grid[1]} tokens at stride {stride})" if stride > 1 else ""
+    raise ValueError(
+        f"{branch.name}: cell_size={branch.cell_size} cannot mask {h}x{w} images{tokens} at ratio {branch.ratio}: "
+        f"cells must tile the {'token grid' if tokens else 'image'} exactly, number at least 4 and be at least half "
+        f"of cell_size ({(branch.cell_size + 1) // 2} px). Cell sizes that tile {h}x{w} into >= 4 cells: "
+        f"{fits or 'none'}; set sub_branch_kwargs.cell_size to one of them or resize the images"
+    )

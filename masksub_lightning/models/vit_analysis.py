@@ -9,7 +9,7 @@
 
 Example::
 
-    from masksub_lightning.analysis_vit import load_vit, average_attention_distance, plot_attention_distance
+    from masksub_lightning.models.vit_analysis import load_vit, average_attention_distance, plot_attention_distance
     net = load_vit("vit_base_patch16_224", "encoder.pth")          # e.g. a LUT / MAE export
     aad = average_attention_distance(net, images)                  # (layers, heads), pixels
     plot_attention_distance({"LUT": aad}, "aad.png")
@@ -38,11 +38,11 @@ __all__ = [
 
 
 def load_vit(name: str, weights: str | Path | None = None, **model_kwargs: Any) -> nn.Module:
-    """A timm ViT (no classifier) in eval mode, with ``weights`` loaded by ``masksub_lightning.pretrained``."""
+    """A timm ViT (no classifier) in eval mode, with ``weights`` loaded by ``masksub_lightning.models.weights``."""
     net = timm.create_model(name, num_classes=0, **model_kwargs)
     _check_vit(net)
     if weights is not None:
-        from masksub_lightning.pretrained import load_pretrained
+        from masksub_lightning.models.weights import load_pretrained
 
         load_pretrained(net, weights)
     return net.eval()

@@ -36,7 +36,7 @@ import torch
 from timm.models import clean_state_dict, load_state_dict
 from torch import Tensor, nn
 
-from masksub_lightning import network
+from masksub_lightning.models import network
 
 __all__ = ["SUPPORTED_SUFFIXES", "LoadReport", "Source", "detect_source", "load_pretrained"]
 

@@ -1,1 +1,1 @@
-"""The LightningModules: the shared training step and the modules built on it."""
+"""The LightningModules: the shared manual-optimization step (``base.TrainingModule``) and the modules built on it."""

@@ -14,7 +14,7 @@ A subclass writes its forward passes and losses (``training_losses``); this clas
         zero grad, schedule step, after_optimizer_step() (subclass hook: LUT's teacher), one log row per step
 
 and the run around it: the optimizer and its LR schedule (per step or per epoch, LR scaled with the global batch,
-refused on resume when its length changed), the RNG hooks that make resume exact (``masksub_lightning.resume``),
+refused on resume when its length changed), the RNG hooks that make resume exact (``masksub_lightning.training.resume``),
 ``torch.compile`` / channels-last in ``configure_model``, and ``load_from_checkpoint`` with ``weights_only=True``.
 
 The options it reads are constructor arguments of each subclass, under the same names (checked by
@@ -39,14 +39,13 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 
-from masksub_lightning import checkpointing, guards, resume
-from masksub_lightning.optim import (
+from masksub_lightning.training import checkpoint_io, guards, precision, resume, sharding
+from masksub_lightning.training.optim import (
     build_optimizer,
     build_scheduler,
     check_optimizer_name,
     check_scheduler_name,
 )
-from masksub_lightning.training import precision, sharding
 
 #: Options whose absence from a subclass's hyperparameters means this default.
 _DEFAULTS = {
@@ -117,7 +116,7 @@ class TrainingModule(L.LightningModule):
         self._total_steps = 1
 
     # weights_only=True by default (Lightning passes None on to torch.load) and one clear error for unsafe files.
-    load_from_checkpoint = checkpointing.load_from_checkpoint
+    load_from_checkpoint = checkpoint_io.load_from_checkpoint
 
     def _option(self, name: str) -> Any:
         return self.hparams.get(name, _DEFAULTS.get(name))
@@ -240,7 +239,7 @@ class TrainingModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- non-finite losses
     def _check_finite(self, losses: dict[str, Tensor]) -> None:
-        """Apply the ``nonfinite_loss`` policy to this micro-batch's losses (see ``masksub_lightning.guards``)."""
+        """Apply the ``nonfinite_loss`` policy to this micro-batch's losses (see ``masksub_lightning.training.guards``)."""
         parts = {k: v for k, v in losses.items() if k != "loss"} or losses
         named = {self.loss_part_names.get(k, k): v for k, v in parts.items()}
         if self._option("nonfinite_loss") == "skip":

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from masksub_lightning import network
-from masksub_lightning.losses import MaskSubLoss
+from masksub_lightning.method.losses import MaskSubLoss
+from masksub_lightning.method.subbranch import SubBranch, build_sub_branch
+from masksub_lightning.models import network
 from masksub_lightning.modules.base import TrainingModule, check_positive, check_training_options
-from masksub_lightning.subbranch import SubBranch, build_sub_branch
 
 
 class MaskSubModule(TrainingModule):
@@ -42,7 +42,7 @@ class MaskSubModule(TrainingModule):
             for MAE and CLIP fine-tuning); None keeps the model's own initialisation.
         freeze: module names whose parameters are not trained (e.g. ``[patch_embed]`` for CLIP fine-tuning).
         pretrained_weights: a local weights file loaded into the model when fitting starts (see
-            ``masksub_lightning.pretrained``; the head is replaced when its size differs).
+            ``masksub_lightning.models.weights``; the head is replaced when its size differs).
         pretrained_exclude: module names of the checkpoint not loaded (kept at their fresh initialisation), e.g.
             ``[norm]`` for CLIP fine-tuning.
         sub_branch: sub-branch kind by name (``mask``, ``token_mask``, ``pixel_mask``, ``mask_token``, ``dropout``,
@@ -158,7 +158,7 @@ class MaskSubModule(TrainingModule):
         super().setup(stage)
         if stage == "fit" and not self._pretrained_loaded:
             # Loaded here, not in __init__, so load_from_checkpoint never needs the original weights file.
-            from masksub_lightning.pretrained import load_pretrained
+            from masksub_lightning.models.weights import load_pretrained
 
             exclude = self.hparams.get("pretrained_exclude") or ()
             report = load_pretrained(self.model, self.hparams.pretrained_weights, exclude=exclude)

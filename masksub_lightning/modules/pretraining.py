@@ -1,7 +1,7 @@
 """Masked-image-modeling pre-training of a timm ViT encoder: MAE and LUT ("Learning with Unmasked Tokens").
 
 The encoder these modules train is exported in the released-MAE layout (``{"model": encoder state dict}``, timm key
-names) and fine-tuned by :class:`~masksub_lightning.module.MaskSubModule` through ``pretrained_weights``, with or
+names) and fine-tuned by :class:`~masksub_lightning.modules.masksub.MaskSubModule` through ``pretrained_weights``, with or
 without MaskSub::
 
     MAE step   x -> keep a random 25% of the patch tokens (class token kept) -> encoder -> + mask tokens in the
@@ -10,20 +10,18 @@ without MaskSub::
                from one shuffle (disjoint); predictor(projector(mean of the visible patch tokens)) of each view
                regresses the EMA teacher's projector output of the *other*, unmasked view (2 - 2 cos, symmetric)
 
-Masks follow the package convention (:mod:`masksub_lightning.masking`): True = masked (removed).
+Masks follow the package convention (:mod:`masksub_lightning.method.masking`): True = masked (removed).
 
 Export and fine-tune::
 
-    python -m masksub_lightning.pretraining export runs/.../last.ckpt encoder.pth
+    masksub export runs/.../last.ckpt OUT_DIR          # writes OUT_DIR/encoder.pth
     masksub fit --config mae/vit_base --model.init_args.pretrained_weights encoder.pth
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,10 +32,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from masksub_lightning import checkpointing
-from masksub_lightning.masking import num_kept_tokens
+from masksub_lightning.method.masking import num_kept_tokens
 from masksub_lightning.modules.base import TrainingModule, check_training_options
-from masksub_lightning.training import sharding
+from masksub_lightning.training import checkpoint_io, sharding
 
 __all__ = [
     "KeptTokens",
@@ -529,7 +526,7 @@ class MAEModule(TrainingModule):
         """Write ``{"model": encoder state dict}`` (the released-MAE layout) to ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        checkpointing.atomic_torch_save({"model": self.encoder_state_dict()}, path)
+        checkpoint_io.atomic_torch_save({"model": self.encoder_state_dict()}, path)
         return path
 
     def on_fit_end(self) -> None:
@@ -688,7 +685,7 @@ def export_encoder(source: str | Path | MAEModule, path: str | Path) -> Path:
     """
     if isinstance(source, MAEModule):
         return source.export_encoder(path)
-    ckpt = checkpointing.load_checkpoint_file(str(source))
+    ckpt = checkpoint_io.load_checkpoint_file(str(source))
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
         raise ValueError(f"{source} is not a Lightning checkpoint (no 'state_dict')")
@@ -699,26 +696,5 @@ def export_encoder(source: str | Path | MAEModule, path: str | Path) -> Path:
         raise ValueError(f"{source} is not an MAEModule / LUTModule checkpoint (no encoder and decoder keys)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpointing.atomic_torch_save({"model": encoder}, path)
+    checkpoint_io.atomic_torch_save({"model": encoder}, path)
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m masksub_lightning.pretraining export CKPT OUT``."""
-    parser = argparse.ArgumentParser(prog="python -m masksub_lightning.pretraining")
-    sub = parser.add_subparsers(dest="command", required=True)
-    exp = sub.add_parser(
-        "export", help="write the encoder of an MAE / LUT checkpoint in the released-MAE layout"
-    )
-    exp.add_argument("checkpoint", type=Path)
-    exp.add_argument("output", type=Path)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        out = export_encoder(args.checkpoint, args.output)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,11 @@
-"""Checkpoint files that survive a killed process, a ``last.ckpt`` that is always the latest state, safe loading.
+"""Checkpoint files that survive a killed process, and safe loading.
 
-Three pieces, all plugged in by the ``masksub`` command and usable with your own Trainer::
+Plugged in by the ``masksub`` command and usable with your own Trainer (with the callbacks of
+:mod:`masksub_lightning.callbacks.checkpoints`)::
 
     import lightning as L
-    from masksub_lightning.checkpointing import AlwaysLastCheckpoint, AtomicCheckpointIO
+    from masksub_lightning.callbacks import AlwaysLastCheckpoint
+    from masksub_lightning.training.checkpoint_io import AtomicCheckpointIO
 
     trainer = L.Trainer(
         plugins=[AtomicCheckpointIO()],
@@ -15,10 +17,8 @@ Three pieces, all plugged in by the ``masksub`` command and usable with your own
   intact and loadable. (Lightning's own writer stages the file in ``$TMPDIR`` and, when that is another file
   system, copies it over the target: a kill mid-copy leaves a truncated checkpoint and no old one.) It loads with
   ``weights_only=True`` unless told otherwise, so a tampered file cannot run code when resumed from.
-* :class:`AlwaysLastCheckpoint` is Lightning's ``ModelCheckpoint`` except that ``save_last=True`` rewrites
-  ``last.ckpt`` at every save point, not only when a new best checkpoint is written (Lightning 2.6 keeps a stale
-  ``last.ckpt`` once the monitored metric stops improving, and resuming from it would repeat epochs). It also
-  checks, before training starts, that the checkpoint directory is writable and has room for a checkpoint.
+* :func:`check_output_dir` and :func:`checkpoint_size_estimate`: a log or checkpoint directory that cannot be
+  written, or has no room for a checkpoint, is found before training starts.
 * :func:`load_checkpoint_file` and :func:`load_from_checkpoint` (``MaskSubModule.load_from_checkpoint``) load with
   ``weights_only=True`` and turn "this file is not a safe / complete checkpoint" into one clear error.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import pickle
 import re
@@ -42,7 +43,6 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 try:  # the decorator Lightning uses so that `model.load_from_checkpoint(...)` on an instance raises
     from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
@@ -51,7 +51,6 @@ except ImportError:  # pragma: no cover - older / newer Lightning
 
 __all__ = [
     "TMP_SUFFIX",
-    "AlwaysLastCheckpoint",
     "AtomicCheckpointIO",
     "CheckpointLoadError",
     "CheckpointSpaceError",
@@ -191,6 +190,7 @@ def load_checkpoint_file(
     map_location: Any = "cpu",
     weights_only: bool = True,
     load: Callable[..., Any] | None = None,
+    mmap: bool = False,
 ) -> Any:
     """Load a checkpoint with ``weights_only=True``; unsafe, truncated or non-checkpoint files raise one clear error.
 
@@ -199,6 +199,7 @@ def load_checkpoint_file(
         map_location: as for ``torch.load``.
         weights_only: keep True for any file you did not write yourself: unpickling arbitrary objects can run code.
         load: the loader to call as ``load(path, map_location=..., weights_only=...)`` (default ``torch.load``).
+        mmap: map the file instead of reading it (to look at its metadata only; a local file).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -208,7 +209,8 @@ def load_checkpoint_file(
     name = getattr(path, "name", path)
     if isinstance(path, (str, os.PathLike)) and _is_local_file_protocol(path) and not Path(path).exists():
         raise FileNotFoundError(f"checkpoint file not found: {name}")
-    load = load or torch.load
+    if load is None:
+        load = functools.partial(torch.load, mmap=True) if mmap else torch.load
     try:
         return load(path, map_location=map_location, weights_only=weights_only)
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, OSError) as err:
@@ -400,68 +402,3 @@ def _is_weight_averaging(callback: Any) -> bool:
     """Lightning's EMAWeightAveraging (any WeightAveraging) or another callback named for an EMA."""
     names = [cls.__name__ for cls in type(callback).__mro__]
     return "WeightAveraging" in names or any("EMA" in name for name in names)
-
-
-# ------------------------------------------------------------------------------------------------- callback
-class AlwaysLastCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` (``save_last=True``) is rewritten at every save point.
-
-    Lightning 2.6 writes ``last.ckpt`` only when a top-k checkpoint was saved at the same step, and at the end of
-    training only if it was never written: once the monitored metric stops improving ``last.ckpt`` goes stale.
-    Here it is also written at each validation / epoch end where no top-k checkpoint was saved, and at the end of
-    training when steps were taken since the last save (``max_steps`` or ``max_time`` ending mid-epoch). Resuming
-    from ``last.ckpt`` therefore continues where the run stopped.
-
-    Before training, the checkpoint directory is checked (created, written, enough free space for a checkpoint:
-    :func:`checkpoint_size_estimate`) and leftovers of interrupted :class:`AtomicCheckpointIO` saves are removed. The state key is the
-    plain ``ModelCheckpoint``'s, so checkpoints of either class resume with the other.
-    """
-
-    @property
-    def state_key(self) -> str:
-        key = super().state_key
-        return "ModelCheckpoint" + key[len(type(self).__qualname__) :]
-
-    def setup(self, trainer: Any, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        problem = None
-        if (
-            stage == "fit"
-            and trainer.is_global_zero
-            and self.dirpath is not None
-            and not trainer.fast_dev_run
-        ):
-            try:
-                need = checkpoint_size_estimate(pl_module, trainer.callbacks)
-                check_output_dir(self.dirpath, "checkpoint directory", need)
-                remove_stale_temp_files(self.dirpath)
-            except OutputDirError as err:
-                problem = str(err)
-        # Every rank raises, not only rank 0: the others would otherwise wait for it at the next collective.
-        problem = trainer.strategy.broadcast(problem)
-        if problem:
-            raise OutputDirError(problem)
-
-    def _latest_due(self, trainer: Any) -> bool:
-        return self.save_last is True and self._last_global_step_saved != trainer.global_step
-
-    def on_validation_end(self, trainer: Any, pl_module: LightningModule) -> None:
-        applies = not self._should_skip_saving_checkpoint(
-            trainer
-        ) and not self._should_save_on_train_epoch_end(trainer)
-        super().on_validation_end(trainer, pl_module)
-        if applies and self._latest_due(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: LightningModule) -> None:
-        applies = not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(
-            trainer
-        )
-        super().on_train_epoch_end(trainer, pl_module)
-        if applies and self._latest_due(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_train_end(self, trainer: Any, pl_module: LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        if not self._should_skip_saving_checkpoint(trainer) and self._latest_due(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

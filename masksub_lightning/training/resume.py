@@ -24,26 +24,21 @@ from its hooks:
 Everything stored is a tensor, an int, a float, a string or a list / dict of those, so the checkpoint stays
 loadable with ``torch.load(..., weights_only=True)``.
 
-:class:`ResumeCheckpoint` writes the checkpoint to resume from: ``resume.ckpt`` every N optimizer steps (mid-epoch
-included) and at the step boundary where a SIGTERM is noticed; under SLURM it moves Lightning's requeue checkpoint
-to a step boundary too. ``docs/reliability.md`` lists what is and is not guaranteed; ``docs/cluster.md`` has the
+:class:`~masksub_lightning.callbacks.ResumeCheckpoint` writes the checkpoint to resume from: ``resume.ckpt`` every N
+optimizer steps (mid-epoch included) and at the step boundary where a SIGTERM is noticed; under SLURM it moves
+Lightning's requeue checkpoint to a step boundary too. ``docs/reliability.md`` lists what is and is not guaranteed; ``docs/cluster.md`` has the
 multi-node, SLURM and other-world-size commands.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.data import _set_sampler_epoch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 
@@ -454,144 +449,3 @@ def _to_cpu(state: Any) -> Any:
     if isinstance(state, list):
         return [_to_cpu(v) for v in state]
     return state
-
-
-# --------------------------------------------------------------------------------------------- callback
-class ResumeCheckpoint(ModelCheckpoint):
-    """Keeps one checkpoint to resume from, ``resume.ckpt``, overwritten every ``every_n_train_steps`` steps.
-
-    Independent of the best / last checkpoints (whose saves wait for a validation metric): it is written from the
-    first steps of the first epoch on, at optimizer-step boundaries, and also at the boundary where a SIGTERM is
-    noticed (Lightning finishes the current step and then stops). A SIGTERM that arrives during validation
-    stops the run mid-validation, where the state is not a step boundary: no checkpoint is written then, and the
-    previous ``resume.ckpt`` stays the one to resume from. SIGKILL leaves the previous one too.
-
-    Under SLURM with Lightning's auto-requeue (``SLURMEnvironment``), the requeue signal (SIGUSR1) is held until
-    the next optimizer-step boundary, where all ranks write Lightning's ``hpc_ckpt_<n>.ckpt`` together and rank 0
-    requeues the job (Lightning's own handler, run there instead of inside the signal handler, which may be the
-    middle of a step or of a collective). The requeued job resumes from that checkpoint exactly.
-
-    Resume with ``masksub fit ... --ckpt_path <dir>/resume.ckpt`` (same config; another number of processes
-    with the same global batch continues the epoch with the samples not yet seen, see ``docs/reliability.md``).
-
-    Args:
-        every_n_train_steps: optimizer steps between saves (mid-epoch included).
-        dirpath: directory of ``resume.ckpt``; None: the run's checkpoint directory (next to ``last.ckpt``).
-        filename: file name without ``.ckpt``.
-        save_on_sigterm: also save when Lightning stops the run for a SIGTERM.
-        slurm_requeue_at_step_boundary: hold SLURM's requeue signal until the next step boundary (above).
-
-    Raises:
-        ValueError: ``every_n_train_steps`` is not a positive integer.
-    """
-
-    def __init__(
-        self,
-        every_n_train_steps: int = 100,
-        dirpath: str | None = None,
-        filename: str = "resume",
-        save_on_sigterm: bool = True,
-        slurm_requeue_at_step_boundary: bool = True,
-    ) -> None:
-        if isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int):
-            raise ValueError(f"every_n_train_steps must be a positive int, got {every_n_train_steps!r}")
-        if every_n_train_steps < 1:
-            raise ValueError(f"every_n_train_steps must be a positive int, got {every_n_train_steps!r}")
-        super().__init__(
-            dirpath=dirpath,
-            filename=filename,
-            monitor=None,
-            save_top_k=1,
-            save_last=False,
-            every_n_train_steps=every_n_train_steps,
-            enable_version_counter=False,  # always the same file: the newest state replaces the previous one
-        )
-        self.save_on_sigterm = save_on_sigterm
-        self.slurm_requeue_at_step_boundary = slurm_requeue_at_step_boundary
-        self._requeue: Any = None  # Lightning's SLURM requeue handler, when held back
-        self._requeue_signal: int | None = None  # the requeue signal received and not yet acted on
-        self._requeued = False
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(resume_every_n_train_steps=self._every_n_train_steps)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.slurm_requeue_at_step_boundary:
-            self._hold_slurm_requeue(trainer)
-
-    def _hold_slurm_requeue(self, trainer: L.Trainer) -> None:
-        """Make Lightning register a note-taking SIGUSR1 handler instead of its save-and-requeue one.
-
-        ``setup`` runs before Lightning registers its signal handlers (at the start of fit), and it registers
-        ``_slurm_sigusr_handler_fn`` looked up on the connector: an instance attribute takes its place.
-        """
-        environment = trainer._accelerator_connector.cluster_environment
-        connector = trainer._signal_connector
-        if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
-            return
-        self._requeue = type(connector)._slurm_sigusr_handler_fn.__get__(connector)
-        connector._slurm_sigusr_handler_fn = self._note_requeue_signal
-        self._requeue_signal, self._requeued = None, False
-
-    def _note_requeue_signal(self, signum: int, frame: Any) -> None:
-        # Signal-handler context: only take note (a save here could be mid-step or inside a collective).
-        if not self._requeued:
-            self._requeue_signal = int(signum)
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
-    ) -> None:
-        """Save every ``every_n_train_steps`` optimizer steps, whatever the monitored metrics."""
-        self._save_every_n_steps(trainer)
-        self._requeue_at_step_boundary(trainer, pl_module)
-
-    def _save_every_n_steps(self, trainer: L.Trainer) -> None:
-        if trainer.global_step % self._every_n_train_steps or self._should_skip_saving_checkpoint(trainer):
-            return
-        # Straight to the save: the parent's manual-optimization branch would warn about pre-step weights.
-        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def _requeue_at_step_boundary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """If any rank got SLURM's requeue signal: at a step boundary, Lightning's save and requeue, all ranks."""
-        if self._requeue is None or self._requeued:
-            return
-        if any(p.grad is not None for p in pl_module.parameters()):
-            return  # inside a gradient-accumulation group (the same micro-batch on every rank)
-        # One small all-reduce per step: the signal reaches the ranks at different times.
-        if not trainer.strategy.reduce_boolean_decision(self._requeue_signal is not None, all=False):
-            return
-        self._requeued = True
-        self._requeue(self._requeue_signal or signal.SIGUSR1, None)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """No epoch-end saves: ``resume.ckpt`` follows the step count only."""
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """No epoch-end saves: ``resume.ckpt`` follows the step count only."""
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        """Save at the step boundary where Lightning stops for a SIGTERM (not mid-validation)."""
-        if not (self.save_on_sigterm and isinstance(exception, SIGTERMException)):
-            return
-        if trainer.validating or trainer.sanity_checking:
-            rank_zero_warn(
-                "SIGTERM during validation: no resume checkpoint written (the run stopped mid-validation); "
-                "resume from the previous one"
-            )
-            return
-        if any(p.grad is not None for p in pl_module.parameters()):
-            # Mid gradient-accumulation group: the accumulated gradient is not part of a checkpoint.
-            rank_zero_warn(
-                "SIGTERM inside a gradient-accumulation group: no resume checkpoint written; "
-                "resume from the previous one"
-            )
-            return
-        filepath = os.path.join(
-            self.dirpath or trainer.default_root_dir, f"{self.filename}{self.FILE_EXTENSION}"
-        )
-        trainer.save_checkpoint(filepath)
-        self._last_global_step_saved = trainer.global_step

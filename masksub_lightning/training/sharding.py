@@ -18,14 +18,15 @@ it does not support a backward inside ``training_step`` under manual optimizatio
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
-from masksub_lightning import network
+from masksub_lightning.models import network
 
-__all__ = ["FSDP2Strategy", "shard_network"]
+__all__ = ["FSDP2Strategy", "load_sharded_checkpoint", "shard_network"]
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -128,3 +129,28 @@ def sharded_roots(module: nn.Module) -> list[nn.Module]:
 
 def _is_inside(sub: nn.Module, root: nn.Module) -> bool:
     return any(m is sub for m in root.modules())
+
+
+def load_sharded_checkpoint(folder: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint dict from a ``ModelParallelStrategy`` folder (DCP shards + ``meta.pt``), on the CPU.
+
+    The weights and optimizer state come whole (the shards gathered without a process group); ``meta.pt`` (the
+    rest: hyperparameters, loops, callbacks) is read with ``weights_only=True``. torch reads the shards' metadata
+    with pickle: call this only on folders you wrote.
+    """
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = Path(folder)
+    checkpoint = torch.load(folder / "meta.pt", map_location="cpu", weights_only=True)
+    with (
+        tempfile.TemporaryDirectory() as tmp
+    ):  # torch's public converter writes a file: read it straight back
+        dcp_to_torch_save(folder, Path(tmp) / "gathered.pt")
+        state = torch.load(Path(tmp) / "gathered.pt", map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = state.pop("state_dict")
+    optimizers = sorted((k for k in state if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
+    checkpoint["optimizer_states"] = [state[k] for k in optimizers]
+    return checkpoint

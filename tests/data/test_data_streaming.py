@@ -17,7 +17,7 @@ pytest.importorskip(
     "litdata", reason="needs the 'streaming' extra (also in 'dev'): pip install -e '.[streaming]'"
 )
 
-from masksub_lightning.cli import main as cli_main
+from masksub_lightning.commands import main as cli_main
 from masksub_lightning.data import CIFAR10DataModule, ImageFolderDataModule
 from masksub_lightning.data.datasets import seeded_rng
 from masksub_lightning.data.streaming import (
