@@ -36,7 +36,7 @@ def make(kind: str, **kw) -> L.LightningModule:
             sub_branch=sub_branch,
             **common,
         )
-    return (mae if kind == "mae" else lut)(lr_base_batch_size=None, **common)
+    return (mae if kind == "mae" else lut)(lr_base_batch_size=None, export_on_fit_end=False, **common)
 
 
 def loader(kind: str):
