@@ -698,3 +698,18 @@ def test_room_for_the_weights_but_not_the_optimizer_state_is_reported_before_tra
         "checkpoints has 2.0 MiB free but a checkpoint of this run takes about 3.8 MiB (weights, optimizer state "
         "and any EMA copy)"
     ), line
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        ("--trainer.accumulate_grad_batches=4", "use --model.init_args.grad_accumulation 4"),
+        ("--trainer.gradient_clip_val=1.0", "use --model.init_args.grad_clip_norm 1.0"),
+        ("--trainer.strategy=fsdp", "use --trainer.strategy fsdp2"),
+    ],
+)
+def test_trainer_options_manual_optimization_cannot_take_name_the_one_to_use(option, named, tmp_path, capsys):
+    """Lightning would raise deep in fit (or, for fsdp on a CPU, with its own message): one line before it."""
+    line = _fails(["fit", "--config", str(QUICKSTART), *FAST, option], capsys, tmp_path)
+    assert named in line, line
+    assert not list(tmp_path.glob("runs/*/version_*"))  # stopped before any run folder
