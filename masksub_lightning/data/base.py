@@ -35,7 +35,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import lightning as L
 import timm
@@ -65,11 +65,18 @@ Split = Literal["train", "val", "test"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_TRAIN_CROPS = ("rrc", "simple")
-_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
-_RE_MODES = ("const", "rand", "pixel")
-_MIXUP_MODES = ("batch", "pair", "elem")
-_BAD_SAMPLES = ("error", "skip")
+# Allowed values, written once: the Literal types are the signature jsonargparse checks, the tuples what the
+# constructor's own checks list in their one-line errors (for Python callers).
+TrainCrop = Literal["rrc", "simple"]
+Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos"]
+ReMode = Literal["const", "rand", "pixel"]
+MixupMode = Literal["batch", "pair", "elem"]
+BadSamples = Literal["error", "skip"]
+_TRAIN_CROPS = get_args(TrainCrop)
+_INTERPOLATIONS = get_args(Interpolation)
+_RE_MODES = get_args(ReMode)
+_MIXUP_MODES = get_args(MixupMode)
+_BAD_SAMPLES = get_args(BadSamples)
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -303,17 +310,17 @@ class ImageClassificationDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         img_size: int = 224,
-        train_crop: Literal["rrc", "simple"] = "rrc",
+        train_crop: TrainCrop = "rrc",
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
         auto_augment: str | None = None,
         color_jitter: float | None = 0.4,
         reprob: float = 0.0,
-        remode: Literal["const", "rand", "pixel"] = "pixel",
+        remode: ReMode = "pixel",
         eval_crop_pct: float = 0.875,
-        interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bicubic",
-        train_interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "random"] | None = None,
+        interpolation: Interpolation = "bicubic",
+        train_interpolation: Interpolation | Literal["random"] | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         norm_from_model: str | None = None,
@@ -321,12 +328,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         cutmix_alpha: float = 0.0,
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
-        mixup_mode: Literal["batch", "pair", "elem"] = "batch",
+        mixup_mode: MixupMode = "batch",
         label_smoothing: float = 0.0,
         repeated_aug: int = 1,
         channels_last: bool = False,
         seed: int = 0,
-        bad_samples: Literal["error", "skip"] = "error",
+        bad_samples: BadSamples = "error",
         min_image_size: int = 1,
         fast_decode: bool = False,
     ) -> None:
