@@ -114,6 +114,9 @@ class TrainingModule(L.LightningModule):
         self._group_logs: tuple[dict[str, Tensor], int] | None = None
         self._grad_norm: Tensor | None = None
         self._total_steps = 1
+        self._sharded_roots: list[
+            nn.Module
+        ] = []  # FSDP2 roots (configure_model), switched off for no-sync backwards
 
     # weights_only=True by default (Lightning passes None on to torch.load) and one clear error for unsafe files.
     load_from_checkpoint = checkpoint_io.load_from_checkpoint
@@ -193,7 +196,7 @@ class TrainingModule(L.LightningModule):
     @contextlib.contextmanager
     def _no_gradient_sync(self) -> Iterator[None]:
         """Backward passes inside accumulate gradients without the data-parallel reduction (DDP or FSDP2)."""
-        roots = sharding.sharded_roots(self)
+        roots = self._sharded_roots
         if not roots:  # DDP (no_sync) or a single device (nothing to do)
             with self.optimizers().toggle_model(sync_grad=False):
                 yield
@@ -304,6 +307,7 @@ class TrainingModule(L.LightningModule):
         sharded = self._trainer is not None and sharding.is_sharded(self.trainer.strategy)
         if sharded and not sharding.sharded_roots(self):  # configure_model runs again for validate / test
             self.shard(self.device_mesh["data_parallel"])
+        self._sharded_roots = sharding.sharded_roots(self) if sharded else []  # found once, not at every step
         if self._option("compile") and not getattr(self.model, "_compiled_call_impl", None):
             self.model.compile()  # in place: state-dict keys keep their names
 
