@@ -55,7 +55,7 @@ def _tiny_model(monkeypatch):
 
 def test_the_example_is_a_short_module():
     _, code = example_module()
-    assert len(code.strip().splitlines()) <= 30
+    assert len(code.strip().splitlines()) <= 50  # issue 19: "a new module ... should be ~50 lines"
 
 
 def test_accumulation_applies_the_mean_gradient_of_the_group_in_one_step():
