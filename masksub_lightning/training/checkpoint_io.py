@@ -43,6 +43,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import WeightAveraging
 
 try:  # the decorator Lightning uses so that `model.load_from_checkpoint(...)` on an instance raises
     from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
@@ -380,13 +381,15 @@ def checkpoint_size_estimate(module: torch.nn.Module, callbacks: Any = ()) -> in
     momentum; the optimizer named by the module's ``optimizer`` hyperparameter) plus, with an EMA callback among
     ``callbacks``, a second copy of the weights (Lightning keeps the averaged and the current ones).
     """
-    weights, tensors = checkpoint_size_lower_bound(module), len(module.state_dict())
+    state_dict = module.state_dict()
+    weights = sum(t.numel() * t.element_size() for t in state_dict.values() if isinstance(t, torch.Tensor))
+    tensors = len(state_dict)
     trainable = [p for p in module.parameters() if p.requires_grad]
     copies = _optimizer_state_copies(getattr(module, "hparams", None) or {})
     state = copies * sum(4 * p.numel() for p in trainable)
     tensors += (copies + 1) * len(trainable) if copies else 0
-    if any(_is_weight_averaging(cb) for cb in callbacks or ()):
-        weights, tensors = 2 * weights, tensors + len(module.state_dict())
+    if any(isinstance(cb, WeightAveraging) for cb in callbacks or ()):  # EMA: averaged and current weights
+        weights, tensors = 2 * weights, tensors + len(state_dict)
     return weights + state + _BYTES_PER_TENSOR * tensors + _BYTES_FIXED
 
 
@@ -396,9 +399,3 @@ def _optimizer_state_copies(hparams: Any) -> int:
     if name in _OPTIMIZER_STATE_COPIES and momentum == 0:
         return 0  # plain SGD keeps no state
     return _OPTIMIZER_STATE_COPIES.get(name, 2)
-
-
-def _is_weight_averaging(callback: Any) -> bool:
-    """Lightning's EMAWeightAveraging (any WeightAveraging) or another callback named for an EMA."""
-    names = [cls.__name__ for cls in type(callback).__mro__]
-    return "WeightAveraging" in names or any("EMA" in name for name in names)
