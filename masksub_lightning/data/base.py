@@ -79,6 +79,18 @@ _MIXUP_MODES = get_args(MixupMode)
 _BAD_SAMPLES = get_args(BadSamples)
 
 
+def micro_batches_per_step(trainer: Any, module: Any = None) -> int:
+    """Micro-batches per optimizer step: the module's ``grad_accumulation`` (the package's modules; default: the
+    trainer's module) times Lightning's ``accumulate_grad_batches`` (automatic optimization); 1 without a trainer
+    or for a bad value (the module reports that one)."""
+    if module is None and trainer is not None:
+        module = getattr(trainer, "lightning_module", None)
+    n = (getattr(module, "hparams", None) or {}).get("grad_accumulation", 1)
+    lightning = getattr(trainer, "accumulate_grad_batches", 1)
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (n, lightning))
+    return n * lightning if ok else 1
+
+
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{name}={value!r} is invalid: {allowed}")
 
@@ -705,16 +717,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """
         world, _ = self._world()
         micro = self.batch_size * world
-        step = micro * self._grad_accumulation()
+        step = micro * micro_batches_per_step(self.trainer)
         return step if dataset_size >= step else micro
-
-    def _grad_accumulation(self) -> int:
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        hparams = getattr(module, "hparams", None) or {}
-        n = hparams.get("grad_accumulation", 1)
-        lightning = getattr(self.trainer, "accumulate_grad_batches", 1)
-        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (n, lightning))
-        return n * lightning if ok else 1  # a bad value is the module's to report
 
     def train_dataloader(self) -> TrainLoader:
         """A torchdata ``StatefulDataLoader``: its ``state_dict()`` (which Lightning checkpoints) resumes exactly.

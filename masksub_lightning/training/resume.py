@@ -42,6 +42,8 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 
+from masksub_lightning.data.base import micro_batches_per_step
+
 #: Checkpoint key of the per-rank RNG states: a list indexed by global rank.
 RNG_KEY = "masksub_rng_states"
 #: Checkpoint key of the per-rank train-loader states under DDP: a list indexed by global rank.
@@ -194,7 +196,11 @@ def train_layout(module: L.LightningModule) -> dict[str, int] | None:
     )
     if not _positive_int(batch):
         return None
-    return {"world_size": trainer.world_size, "batch_size": batch, "grad_accumulation": _accumulation(module)}
+    return {
+        "world_size": trainer.world_size,
+        "batch_size": batch,
+        "grad_accumulation": micro_batches_per_step(trainer, module),
+    }
 
 
 def continue_with_new_layout(module: L.LightningModule, checkpoint: dict[str, Any]) -> bool:
@@ -274,13 +280,6 @@ def _keep(global_batch: int, layout: dict[str, int]) -> str:
 
 def _processes(n: int) -> str:
     return f"{n} process{'' if n == 1 else 'es'}"
-
-
-def _accumulation(module: L.LightningModule) -> int:
-    """Micro-batches per optimizer step: the module's ``grad_accumulation`` or Lightning's own accumulation."""
-    hparams = getattr(module, "hparams", None) or {}
-    n, lightning = hparams.get("grad_accumulation", 1), module.trainer.accumulate_grad_batches
-    return n * lightning if _positive_int(n) and _positive_int(lightning) else 1
 
 
 def _positive_int(value: Any) -> bool:
