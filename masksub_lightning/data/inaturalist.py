@@ -19,6 +19,14 @@ _SPLITS = {
 }
 
 
+#: The fields this reader uses in each entry of the COCO-style lists.
+_ENTRY_FIELDS = {
+    "images": ("id", "file_name"),
+    "annotations": ("image_id", "category_id"),
+    "categories": ("id",),
+}
+
+
 class INaturalistDataModule(ImageClassificationDataModule):
     """iNaturalist species classification: 2018 (8,142 classes), 2019 (1,010) or 2021 (10,000).
 
@@ -75,6 +83,16 @@ class INaturalistDataModule(ImageClassificationDataModule):
         for key in ("images", "annotations", "categories"):
             if key not in data:
                 raise ValueError(f"{path} has no {key!r} list (COCO-style iNaturalist annotations expected)")
+        # A hand-edited or truncated file must not end in a bare KeyError deep in setup: name the entry and field.
+        for key, fields in _ENTRY_FIELDS.items():
+            for index, entry in enumerate(data[key]):
+                missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+                if missing:
+                    raise ValueError(
+                        f"{path}: {key}[{index}] has no {', '.join(map(repr, missing))} field; each entry of "
+                        f"{key!r} needs {', '.join(map(repr, fields))} (COCO-style iNaturalist annotations), "
+                        f"got {entry!r:.200}"
+                    )
         return data, path
 
     def read_class_names(self) -> list[str]:

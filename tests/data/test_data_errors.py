@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from types import SimpleNamespace
 
@@ -333,3 +334,19 @@ def test_matching_or_larger_model_head_is_fine():
     evaluating = DigitsDataModule(batch_size=8, mixup_alpha=0.8)  # evaluation targets are hard labels
     evaluating.trainer = SimpleNamespace(lightning_module=_Classes(1000))
     evaluating.setup("validate")
+
+
+@pytest.mark.parametrize(
+    "split, key, field",
+    [("train", "annotations", "image_id"), ("train", "images", "file_name"), ("val", "categories", "id")],
+)
+def test_inaturalist_entry_without_a_field_is_named(tmp_path, split, key, field):
+    write_inat_json(tmp_path, "2018")
+    path = tmp_path / f"{split}2018.json"
+    doc = json.loads(path.read_text())
+    del doc[key][1][field]
+    path.write_text(json.dumps(doc))
+    dm = INaturalistDataModule(root=str(tmp_path), version="2018", **SMALL)
+    with pytest.raises(ValueError, match=rf"{split}2018\.json: {key}\[1\] has no '{field}' field") as e:
+        dm.setup("fit")
+    assert "\n" not in str(e.value)
