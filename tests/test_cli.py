@@ -190,6 +190,17 @@ def test_an_unknown_option_is_suggested_and_help_still_prints(capsys, monkeypatc
     assert "--ckpt_path CKPT_PATH" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("prefix", ["--trainer.max_epoch", "--trainer.max_step"])
+def test_an_abbreviated_option_is_refused_not_completed(capsys, prefix):
+    """argparse completes unique prefixes by default: a typo would silently set another option."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(QUICKSTART), prefix, "1", "--print_config"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"masksub: error: unrecognized arguments: {prefix} 1; did you mean '{prefix[2:]}s'?\n"
+    )
+
+
 def test_console_script_exit_codes(tmp_path):
     """The installed `masksub` entry point: 0 on success, non-zero with a one-line message on a bad value."""
     exe = Path(sys.executable).with_name("masksub")

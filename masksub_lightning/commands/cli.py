@@ -96,6 +96,10 @@ def run_lightning(argv: list[str], from_sys_argv: bool) -> None:
         raise SystemExit(1) from None
 
 
+#: Parser options of every (sub)command parser.
+STRICT_PARSER = {"exit_on_error": False, "allow_abbrev": False}
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> MaskSubCLI:
     """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` (used by tests and notebooks).
 
@@ -111,10 +115,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MaskSubCLI:
             auto_configure_optimizers=False,  # the module builds its own param groups (weight-decay exclusions, ...)
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"logger": default_loggers()},
-            # Parse errors raise (one line, parse_arguments) instead of printing the whole usage first.
+            # Parse errors raise (one line, parse_arguments) instead of printing the whole usage first; no
+            # abbreviated options: a typo such as --trainer.max_step must not silently set max_steps.
             parser_kwargs={
-                "exit_on_error": False,
-                **{sub: {"exit_on_error": False} for sub in LIGHTNING_SUBCOMMANDS},
+                **STRICT_PARSER,
+                **{sub: dict(STRICT_PARSER) for sub in LIGHTNING_SUBCOMMANDS},
             },
             args=args,
             run=run,
