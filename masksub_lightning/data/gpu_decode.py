@@ -57,7 +57,6 @@ from timm.data.auto_augment import AutoAugment
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
 from torch import Tensor
-from torch.utils.data import default_collate
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
@@ -74,6 +73,7 @@ AUG_OPS = ("Solarize", "Desaturate", "GaussianBlurRand")
 _MAX_SIGMA = 2.0
 #: JPEG colour modes nvJPEG turns into RGB as PIL does; others (CMYK) are decoded by PIL in the worker.
 _DEVICE_JPEG_MODES = ("RGB", "L")
+_PARAM_DTYPES = {"flip": torch.bool, "aug_arg": torch.float64, "jitter": torch.float64}
 _DEPRECATION = r"The image decoding and encoding capabilities of TorchVision are deprecated"
 
 
@@ -193,11 +193,12 @@ def _draw_erase(op: RandomErasing, size: int) -> list[int]:
     return [0, 0, 0, 0]
 
 
-def draw_params(ops: Sequence[Any], width: int, height: int, img_size: int) -> dict[str, Tensor]:
+def draw_params(ops: Sequence[Any], width: int, height: int, img_size: int) -> dict[str, Any]:
     """Every random parameter the CPU train pipeline ``ops`` draws for a ``width x height`` image, in its order.
 
     Reads Python's ``random`` and torch's CPU generator exactly as the ops do (call it under the sample's
-    :func:`~masksub_lightning.data.datasets.seeded_rng`). The result is what :class:`DeviceAugment` applies.
+    :func:`~masksub_lightning.data.datasets.seeded_rng`). Plain Python numbers (tensors cost more to make than
+    the draws): :func:`collate_encoded` stacks them into the tensors :class:`DeviceAugment` applies.
     """
     p: dict[str, Any] = dict(
         box=[0, 0, height, width], resize=[0, 0], pad=0, interp=1, flip=False, aug=-1, aug_arg=0.0,
@@ -228,8 +229,7 @@ def draw_params(ops: Sequence[Any], width: int, height: int, img_size: int) -> d
         elif isinstance(op, RandomErasing):
             p["erase"] = _draw_erase(op, img_size)
     p["noise_seed"] = random.getrandbits(62)  # after every draw of the CPU pipeline: changes none of them
-    dtypes = {"flip": torch.bool, "aug_arg": torch.float64, "jitter": torch.float64}
-    return {k: torch.tensor(v, dtype=dtypes.get(k, torch.int64)) for k, v in p.items()}
+    return p
 
 
 class EncodedTrainTransform:
@@ -257,7 +257,7 @@ class EncodedTrainTransform:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.ops!r})"
 
-    def __call__(self, data: bytes, name: str) -> tuple[Tensor, dict[str, Tensor], str]:
+    def __call__(self, data: bytes, name: str) -> tuple[Tensor, dict[str, Any], str]:
         with decoding(name):
             img = Image.open(io.BytesIO(data))  # parses the header only
         with img:
@@ -304,10 +304,13 @@ class EncodedBatch:
         )
 
 
-def collate_encoded(items: list[tuple[tuple[Tensor, dict[str, Tensor], str], int]]) -> EncodedBatch:
+def collate_encoded(items: list[tuple[tuple[Tensor, dict[str, Any], str], int]]) -> EncodedBatch:
     """The train loader's ``collate_fn`` under ``decode="gpu"``: items ``((payload, params, name), label)``."""
     payloads = [payload for (payload, _, _), _ in items]
-    params = default_collate([params for (_, params, _), _ in items])
+    params = {
+        key: torch.tensor([p[key] for (_, p, _), _ in items], dtype=_PARAM_DTYPES.get(key, torch.int64))
+        for key in items[0][0][1]
+    }
     names = [name for (_, _, name), _ in items]
     return EncodedBatch(payloads, params, torch.tensor([label for _, label in items]), names)
 
@@ -327,7 +330,8 @@ def pil_blend(degenerate: Tensor, img: Tensor, factor: Tensor) -> Tensor:
     ``factor``: one value per image, ``(B,)``; ``degenerate`` broadcasts against ``img``.
     """
     d = degenerate.to(torch.float32)
-    out = d + factor.to(torch.float32).view(-1, 1, 1, 1) * (img.to(torch.float32) - d)
+    f = factor.to(img.device, torch.float32).view(-1, 1, 1, 1)  # the factors come from the host
+    out = d + f * (img.to(torch.float32) - d)
     return out.clamp_(0, 255).to(torch.uint8)  # the float -> uint8 cast truncates, as PIL's (UINT8) cast
 
 

@@ -159,15 +159,15 @@ def test_draws_equal_the_cpu_pipeline(folder, monkeypatch, settings):
         exp = _expected(spy.run(pipeline, img, seed), settings["train_crop"])
         with seeded_rng(seed):
             got = draw_params(ops, img.width, img.height, dm.img_size)
-        assert got["box"].tolist() == exp["box"]
+        assert got["box"] == exp["box"]
         if "interp" in exp:
             assert int(got["interp"]) == exp["interp"]
         assert bool(got["flip"]) == exp["flip"]
         assert int(got["aug"]) == exp["aug"] and float(got["aug_arg"]) == pytest.approx(
             exp["aug_arg"], abs=1e-12
         )
-        assert got["jitter"].tolist() == pytest.approx(exp["jitter"], abs=1e-12)
-        assert got["erase"].tolist() == exp["erase"]
+        assert got["jitter"] == pytest.approx(exp["jitter"], abs=1e-12)
+        assert got["erase"] == exp["erase"]
         seen["flip"].add(exp["flip"])
         seen["aug"].add(exp["aug"])
         seen["erase"].add(exp["erase"][2] > 0)
@@ -189,7 +189,7 @@ def test_jitter_order_is_the_cpu_pipelines(folder, monkeypatch):
         with seeded_rng(seed):
             pipeline(_texture(seed=seed))
         with seeded_rng(seed):
-            got = draw_params(ops, 50, 37, dm.img_size)["jitter_order"].tolist()
+            got = draw_params(ops, 50, 37, dm.img_size)["jitter_order"]
         assert order == [names[i] for i in got if i < 3]
 
 
@@ -460,3 +460,27 @@ def test_the_fixture_mixes_formats(folder):
     # The loader tests above cover PNG items (decoded in the worker) next to JPEGs (decoded in the main process).
     suffixes = {p.suffix for p in Path(folder, "train").rglob("*") if p.is_file()}
     assert suffixes == {".jpg", ".png", ".JPEG"}
+
+
+def test_shards_give_the_folder_batches(folder, tmp_path):
+    pytest.importorskip("litdata", reason="needs the 'streaming' extra (also in 'dev')")
+    from masksub_lightning.data.streaming import StreamingDataModule, optimize_shards
+
+    optimize_shards(
+        ImageFolderDataModule(root=folder), str(tmp_path / "s"), splits=["train", "val"], num_workers=1
+    )
+    shards = StreamingDataModule(
+        root=str(tmp_path / "s"), decode="gpu", decode_device="cpu", **{**BASE, **DEIT3}
+    )
+    shards.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0)
+    shards.setup("fit")
+    files = _dm(folder, **DEIT3)
+    pairs = list(zip(shards.train_dataloader(), files.train_dataloader()))
+    assert len(pairs) == 3
+    for encoded, reference in pairs:
+        x, y = _on_device(shards, encoded)
+        ex, ey = _on_device(files, reference)
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+        assert all(
+            ".jpg" in n or ".png" in n or ".JPEG" in n for n in encoded.names
+        )  # shard items name files
