@@ -17,8 +17,8 @@ Fidelity to the CPU pipeline (timm's transforms on PIL images), per op, for the 
 ================================  ====================  ==========================================================
 op                                law                   pixels
 ================================  ====================  ==========================================================
-RandomResizedCrop (scale, ratio)  same draws            same crop box; torch antialiased resize, not PIL's
-                                                        (measured within a few levels of 255, see the tests)
+RandomResizedCrop (scale, ratio)  same draws            same crop box; torch's antialiased resize, not PIL's
+                                                        (batches of the tests: mean 0.2, max 5 levels of 255)
 simple crop (DeiT-III)            same draws            same resize size, 4 px reflect padding and crop offsets
 interpolation (incl. "random")    same draws            bilinear / bicubic / nearest; lanczos refused
 horizontal flip                   same draws            identical
