@@ -107,6 +107,21 @@ def _flatten(transform: Any) -> list[Any]:
     return [transform]
 
 
+_SUPPORTED_OPS = (
+    RandomResizedCropAndInterpolation,
+    T.RandomResizedCrop,
+    T.Resize,
+    T.RandomCrop,
+    T.RandomHorizontalFlip,
+    AutoAugment,
+    T.ColorJitter,
+    RandomErasing,
+    MaybeToTensor,
+    T.ToTensor,
+    T.Normalize,
+)
+
+
 def check_supported(transform: Any) -> None:
     """ValueError naming the first op of the CPU train pipeline ``transform`` that the device path lacks."""
     for op in _flatten(transform):
@@ -132,22 +147,7 @@ def check_supported(transform: Any) -> None:
             or (op.padding and op.padding_mode != "reflect")
         ):
             raise ValueError(f"decode='gpu' crops with an int reflect padding only, not {op!r}")
-        elif not isinstance(
-            op,
-            (
-                RandomResizedCropAndInterpolation,
-                T.RandomResizedCrop,
-                T.Resize,
-                T.RandomCrop,
-                T.RandomHorizontalFlip,
-                AutoAugment,
-                T.ColorJitter,
-                RandomErasing,
-                MaybeToTensor,
-                T.ToTensor,
-                T.Normalize,
-            ),
-        ):
+        elif not isinstance(op, _SUPPORTED_OPS):
             raise ValueError(
                 f"decode='gpu' does not provide the training op {type(op).__name__}: use decode='cpu' (it provides "
                 "RandomResizedCrop / simple crop, flip, 3-Augment, color jitter, normalisation, random erasing)"
