@@ -58,6 +58,12 @@ from masksub_lightning.data.datasets import (
     seeded_rng,
 )
 from masksub_lightning.data.decode import fast_decode_pipeline
+from masksub_lightning.data.gpu_decode import (
+    DeviceAugment,
+    EncodedBatch,
+    EncodedTrainTransform,
+    collate_encoded,
+)
 from masksub_lightning.data.samplers import RepeatedAugSampler, ShardedEvalSampler, mix_seed
 
 Split = Literal["train", "val", "test"]
@@ -72,11 +78,15 @@ Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos"]
 ReMode = Literal["const", "rand", "pixel"]
 MixupMode = Literal["batch", "pair", "elem"]
 BadSamples = Literal["error", "skip"]
+Decode = Literal["cpu", "gpu"]
+DecodeDevice = Literal["cuda", "cpu"]
 _TRAIN_CROPS = get_args(TrainCrop)
 _INTERPOLATIONS = get_args(Interpolation)
 _RE_MODES = get_args(ReMode)
 _MIXUP_MODES = get_args(MixupMode)
 _BAD_SAMPLES = get_args(BadSamples)
+_DECODES = get_args(Decode)
+_DECODE_DEVICES = get_args(DecodeDevice)
 
 
 def micro_batches_per_step(trainer: Any, module: Any = None) -> int:
@@ -275,6 +285,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
         fast_decode: decode JPEGs at 1/2, 1/4 or 1/8 size when the first resize (RandomResizedCrop, Resize)
             keeps fewer pixels anyway; the crop geometry is unchanged, the pixels differ by resampling only
             (:mod:`masksub_lightning.data.decode`). Image-file datasets only.
+        decode: where training images are decoded and augmented. "cpu" (default): PIL + timm in the loader
+            workers. "gpu": the workers only read the bytes and draw the random parameters; the main process
+            decodes the batch with nvJPEG and crops / flips / 3-Augment / jitters / normalises / erases it on
+            the GPU, with the same random draws (:mod:`masksub_lightning.data.gpu_decode` says, per op, where
+            the pixels differ). Image files and litdata shards only; RandAugment / AugMix / AutoAugment,
+            lanczos and ``fast_decode`` are refused. Validation / test keep the CPU pipeline.
+        decode_device: the device ``decode="gpu"`` runs on: "cuda" (the trainer's GPU), or "cpu" (the same
+            batched path with torchvision's CPU decoder in the main process: tests, machines without a GPU).
 
     Raises:
         ValueError: an argument is out of range; the message names the value and what is allowed.
@@ -313,6 +331,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
     bad_samples = HParam()
     min_image_size = HParam()
     fast_decode = HParam()
+    decode = HParam()
+    decode_device = HParam()
 
     def __init__(
         self,
@@ -348,6 +368,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         bad_samples: BadSamples = "error",
         min_image_size: int = 1,
         fast_decode: bool = False,
+        decode: Decode = "cpu",
+        decode_device: DecodeDevice = "cuda",
     ) -> None:
         super().__init__()
         # Also collects the calling subclass's own arguments; base arguments the subclass does not accept are
@@ -364,6 +386,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self._class_names: list[str] | None = None
         self._mixup: Mixup | None = None
+        self._device_augment: DeviceAugment | None = None
         self._mix_step = 0  # training batches mixed so far: the Mixup / CutMix seed of the next one
         self._loader_datasets: dict[str, SampleDataset] = {}
         self._train_loader: TrainLoader | None = None
@@ -403,6 +426,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         check_int("min_image_size", self.min_image_size, minimum=1)
         if self.bad_samples not in _BAD_SAMPLES:
             _fail("bad_samples", self.bad_samples, f"allowed: {', '.join(_BAD_SAMPLES)}")
+        self._validate_decode()
         for name in ("scale", "ratio"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or len(value) != 2 or not all(map(_is_number, value)):
@@ -426,6 +450,25 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 _fail(name, getattr(self, name), "must be a number")
         if self.color_jitter is not None and not _is_number(self.color_jitter):
             _fail("color_jitter", self.color_jitter, "must be a number >= 0 or None")
+
+    def _validate_decode(self) -> None:
+        if self.decode not in _DECODES:
+            _fail("decode", self.decode, f"allowed: {', '.join(_DECODES)}")
+        if self.decode_device not in _DECODE_DEVICES:
+            _fail("decode_device", self.decode_device, f"allowed: {', '.join(_DECODE_DEVICES)}")
+        if self.decode != "gpu":
+            return
+        if self.fast_decode:
+            _fail(
+                "fast_decode",
+                True,
+                "reduced-size decoding is a CPU decoder's; with decode='gpu' leave it False",
+            )
+        if self.decode_device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                "decode='gpu' needs a CUDA GPU and none is visible: use decode='cpu' "
+                "(or decode_device='cpu' to run the batched decode path on the CPU, for tests)"
+            )
 
     def _validate(self) -> None:
         def prob(name: str, value: float) -> None:
@@ -596,7 +639,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """The dataset of a split, built on first use (with the train or eval transform)."""
         if split not in self.datasets:
             self._setup_skips[split] = {}
-            self.datasets[split] = self.build_dataset(split, self.build_transform(train=split == "train"))
+            transform = self.build_transform(train=split == "train")
+            if split == "train" and self.decode == "gpu":
+                # Raises at setup for an op the device path lacks (RandAugment, lanczos, ...).
+                transform = EncodedTrainTransform(transform, self.img_size, self.min_image_size)
+            self.datasets[split] = self.build_dataset(split, transform)
+            if split == "train" and self.decode == "gpu":
+                self._check_serves_bytes(self.datasets[split])
             for kind, messages in self._setup_skips[split].items():
                 warnings.warn(
                     f"{type(self).__name__} {split} split: skipped {len(messages)} {kind} "
@@ -604,6 +653,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
                     stacklevel=2,
                 )
         return self.datasets[split]
+
+    def _check_serves_bytes(self, dataset: Dataset) -> None:
+        if not getattr(dataset, "serves_encoded_bytes", False):
+            raise ValueError(
+                f"decode='gpu' needs image files or litdata shards, but {type(self).__name__} serves "
+                f"{type(dataset).__name__} items (images in memory): use decode='cpu'"
+            )
 
     def report_bad(self, split: Split, kind: str, message: str) -> None:
         """A bad metadata entry found while reading a split: ValueError, or counted and left out.
@@ -646,6 +702,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
         for split in splits.get(stage, ("train", "val", "test")):
             self.get_dataset(split)
         self._check_model_classes(training=stage in ("fit", None))
+        root_device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
+        on_cuda = root_device is None or root_device.type == "cuda"
+        if self.decode == "gpu" and self.decode_device == "cuda" and not on_cuda:
+            raise ValueError(
+                f"decode='gpu' decodes on the trainer's CUDA device, but the trainer runs on {root_device}: "
+                "use decode='cpu' (or decode_device='cpu')"
+            )
 
     def _check_model_classes(self, training: bool) -> None:
         """The model's ``num_classes`` must fit the data's: soft targets are ``(B, num_classes)`` of the data."""
@@ -742,7 +805,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch function: not our concern
             warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated")
             loader = TrainLoader(
-                dataset, sampler=sampler, drop_last=True, generator=generator, **self._loader_kwargs()
+                dataset,
+                sampler=sampler,
+                drop_last=True,
+                generator=generator,
+                collate_fn=collate_encoded if self.decode == "gpu" else None,
+                **self._loader_kwargs(),
             )
         if self._train_loader_state is not None:
             loader.load_state_dict(self._train_loader_state)
@@ -796,7 +864,22 @@ class ImageClassificationDataModule(L.LightningDataModule):
             return images, mixup_target(targets, self.num_classes, lam=1.0, smoothing=self.label_smoothing)
         return images, targets
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, EncodedBatch):  # decode="gpu": the JPEG bytes stay on the host for the decoder
+            return batch.targets_to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def decode_batch(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode="gpu"``: the decoded, augmented images of an :class:`EncodedBatch` and its targets."""
+        targets = batch.targets
+        device = targets.device if self.decode_device == "cuda" else torch.device("cpu")
+        if self._device_augment is None:
+            self._device_augment = DeviceAugment(self.img_size, self.mean, self.std, self.remode)
+        return self._device_augment(batch, device).to(targets.device), targets
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, EncodedBatch):
+            batch = self.decode_batch(batch)
         images, targets = batch
         # Only the training batches are mixed: validation / test targets stay int64 class indices.
         if self.trainer is not None and self.trainer.training:

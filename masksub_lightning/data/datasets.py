@@ -139,6 +139,9 @@ class ImageListDataset(Dataset):
         min_size: images whose shorter side is below this many pixels raise :class:`ImageTooSmallError`.
     """
 
+    #: Can hand over undecoded bytes (``decode="gpu"``: a transform with ``takes_encoded_bytes``).
+    serves_encoded_bytes = True
+
     def __init__(
         self,
         samples: Sequence[Sample],
@@ -161,6 +164,10 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
+        if getattr(self.transform, "takes_encoded_bytes", False):  # decode="gpu": the file's bytes, undecoded
+            with decoding(path):
+                data = Path(path).read_bytes()
+            return self.transform(data, str(path)), label  # type: ignore[misc]
         if getattr(self.transform, "takes_unloaded_image", False):
             return self._load_undecoded(path, label)
         img = load_rgb(path)

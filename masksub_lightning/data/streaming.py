@@ -279,6 +279,9 @@ class ShardImageDataset(Dataset):
         min_size: images whose shorter side is below this many pixels are bad.
     """
 
+    #: Can hand over undecoded bytes (``decode="gpu"``: a transform with ``takes_encoded_bytes``).
+    serves_encoded_bytes = True
+
     def __init__(
         self,
         url: str,
@@ -325,6 +328,8 @@ class ShardImageDataset(Dataset):
         label = int(item["label"])
         if not 0 <= label < self.num_classes:
             raise BadImageError(f"{name}: label {label} is outside [0, {self.num_classes})")
+        if getattr(self.transform, "takes_encoded_bytes", False):  # decode="gpu": the item's bytes, undecoded
+            return self.transform(bytes(item["image"]), name), label
         with decoding(name):
             img = Image.open(io.BytesIO(bytes(item["image"])))
         img.filename = name  # named in decode errors  # type: ignore[attr-defined]
