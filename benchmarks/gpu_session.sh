@@ -120,6 +120,11 @@ elif kind == "overhead":
             f"[{r['model']}] Lightning/plain {r['ratio']:.4f} ({r['overhead_ms']:+.2f} ms/step{extra}), "
             f"plain {r['plain_step_s'] * 1e3:.1f} ms/step"
         )
+elif kind == "mfu_sweep":
+    for r in d["best"]:
+        mfu = f" MFU {r['mfu']:.1%}" if r.get("mfu") else ""
+        out.append(f"[{r['family']} {r['variant']}] best: {r['setting']} {r['images_per_s']:.0f} img/s{mfu}")
+    out.append(f"{len(d['results']) // 2} settings measured, {len(d['skipped'])} skipped")
 print("; ".join(out))
 PYEOF
 }
@@ -179,7 +184,7 @@ for m in ('lightning', 'timm', 'torchmetrics', 'pytest', 'jsonargparse'):
         print(m, 'not importable:', type(e).__name__, e)
 sys.modules.pop('jsonargparse', None)
 sys.path[:0] = ['benchmarks', 'tests']
-import masksub_lightning, _common, step_cost, memory, overhead, gpu_throughput, conftest
+import masksub_lightning, _common, step_cost, memory, overhead, gpu_throughput, mfu_sweep, conftest
 print('python', sys.version.split()[0], '| masksub_lightning imports; jsonargparse loaded:', 'jsonargparse' in sys.modules)
 assert 'jsonargparse' not in sys.modules, 'the package or a benchmark imported jsonargparse'
 "
@@ -265,5 +270,14 @@ run step_cost_resnet50 70 25 "$PY" benchmarks/step_cost.py --model $RN "${SIZE[@
 # ---- 4. if time is left: Lightning vs plain loop (window-timed fits), with the per-step logging ablation.
 run overhead_vit_b 90 25 "$PY" benchmarks/overhead.py --model $VIT "${SIZE[@]}" "${DEV[@]}" "${VIT_COMPILE[@]}" \
     --fused-adamw --rounds 2 --warmup 3 --steps 12 --log-ablation
+
+# ---- 5. if time is left (the default budget leaves none: GPU_SESSION_BUDGET=680 runs it too): the MFU sweep, one
+# knob at a time from the reference (batch 512, compile modes, foreach AdamW, TF32 off, SDPA backends, channels-last
+# off), baseline and MaskSub, each setting time-boxed; the sweep stops starting settings at its own --budget.
+# Its compile settings are its own (GPU_SESSION_COMPILE does not apply).
+SWEEP_BUDGET=$((BUDGET - SECONDS - 30))
+[ "$SWEEP_BUDGET" -gt 270 ] && SWEEP_BUDGET=270
+run mfu_sweep 300 120 "$PY" benchmarks/mfu_sweep.py --model $VIT --model $RN "${SIZE[@]}" "${DEV[@]}" "${PEAK[@]}" \
+    --budget "$SWEEP_BUDGET"
 
 note "gpu_session: done in ${SECONDS}s (budget ${BUDGET}s)"
