@@ -387,7 +387,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self._class_names: list[str] | None = None
         self._mixup: Mixup | None = None
         self._device_augment: DeviceAugment | None = None
-        self._mix_step = 0  # training batches mixed so far: the Mixup / CutMix seed of the next one
+        self._mix_step = (
+            0  # training batches so far: the Mixup / CutMix (and DALI erasing) seed of the next one
+        )
         self._loader_datasets: dict[str, SampleDataset] = {}
         self._train_loader: TrainLoader | None = None
         self._train_loader_state: dict[str, Any] | None = None  # from a checkpoint, for the next train loader
@@ -857,12 +859,15 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 )
             _, rank = self._world()
             with seeded_rng(mix_seed(self.seed, rank, self._mix_step)):
-                mixed = self._mixup(images, targets)  # mixes images in place
-            self._mix_step += 1
-            return mixed
-        if self.label_smoothing > 0:
-            return images, mixup_target(targets, self.num_classes, lam=1.0, smoothing=self.label_smoothing)
-        return images, targets
+                result = self._mixup(images, targets)  # mixes images in place
+        elif self.label_smoothing > 0:
+            result = images, mixup_target(targets, self.num_classes, lam=1.0, smoothing=self.label_smoothing)
+        else:
+            result = images, targets
+        # Every training batch advances the step, mixed or not: device-side draws seeded from it (DALI's random
+        # erasing) would otherwise repeat the same draw on every batch of a run without Mixup.
+        self._mix_step += 1
+        return result
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         if isinstance(batch, EncodedBatch):  # decode="gpu": the JPEG bytes stay on the host for the decoder

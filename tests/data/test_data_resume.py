@@ -115,6 +115,17 @@ def test_resume_state_from_epoch_zero_crosses_the_epoch_boundary(tmp_path):
     assert len(rest) == 2 * n - 3
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_every_training_batch_advances_the_step_without_mixup(smoothing):
+    """The step seeds device-side draws (DALI's random erasing) too: without Mixup it must still move."""
+    dm = DigitsDataModule(batch_size=16, img_size=16, num_workers=0, label_smoothing=smoothing)
+    dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0)
+    assert not dm.mixup_enabled
+    for _ in range(3):
+        dm.mix(torch.randn(16, 3, 16, 16), torch.arange(16) % 10)
+    assert dm.state_dict() == {"mix_step": 3}
+
+
 def test_mixup_draws_resume_with_the_datamodule_state():
     dm = _digits(0)
     dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0)
