@@ -45,8 +45,8 @@ class MaskSubModule(TrainingModule):
             ``masksub_lightning.models.weights``; the head is replaced when its size differs).
         pretrained_exclude: module names of the checkpoint not loaded (kept at their fresh initialisation), e.g.
             ``[norm]`` for CLIP fine-tuning.
-        sub_branch: sub-branch kind by name (``mask``, ``token_mask``, ``pixel_mask``, ``mask_token``, ``dropout``,
-            ``droppath``, ``none``) or a ``SubBranch`` object.
+        sub_branch: sub-branch kind by name (``mask``, ``token_mask``, ``beit_token_mask``, ``pixel_mask``,
+            ``mask_token``, ``dropout``, ``droppath``, ``none``) or a ``SubBranch`` object.
         sub_ratio: mask ratio / drop probability of the sub-branch, in [0, 1).
         sub_branch_kwargs: extra options of the kind (``cell_size`` for the pixel / token-replacement masks).
         loss: ``ce`` (cross-entropy, soft targets for mixup) or ``bce`` (DeiT-III / RSB binary cross-entropy).
