@@ -127,12 +127,12 @@ class BeitTokenDrop:
             self._set_token_index(None)
 
     def _set_token_index(self, token_index: Tensor | None) -> None:
+        """Give every swapped attention the kept tokens; None removes the instance attribute (the class default
+        None remains), so the attention's ``vars()`` are timm's again."""
         self.token_index = token_index
         for attn in self._attentions:
             if token_index is None:
-                attn.__dict__.pop(
-                    "masksub_token_index", None
-                )  # back to the class default: no instance attribute
+                attn.__dict__.pop("masksub_token_index", None)
             else:
                 attn.masksub_token_index = token_index
 
