@@ -62,9 +62,25 @@ PRESETS: dict[str, ModelSpec] = {
     "vit-s-d4": ModelSpec("vit_small_patch16_224", dict(img_size=112, patch_size=8, depth=4), 112, 1000, 8),
     # CPU: ResNet-18 at 128 px (4 x 4 cells of 32 px, half of them zeroed in the sub-branch).
     "resnet18": ModelSpec("resnet18", {}, 128, 1000, 16),
+    # CPU: BEiT v2 at the same ViT-S width, depth and 197-token sequence (relative position bias per block, no
+    # absolute position embedding): the sub-branch runs 1 + 98 tokens with each block's bias gathered at them.
+    "beit-s-d4": ModelSpec(
+        "beitv2_base_patch16_224",
+        dict(img_size=112, patch_size=8, embed_dim=384, depth=4, num_heads=6),
+        112,
+        1000,
+        8,
+    ),
     # --smoke: the tiny members of the same families the unit tests use (same code paths, milliseconds per step).
     "tiny-vit": ModelSpec(
         "vit_small_patch16_224",
+        dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+        32,
+        10,
+        16,
+    ),
+    "tiny-beit": ModelSpec(
+        "beitv2_base_patch16_224",
         dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
         32,
         10,

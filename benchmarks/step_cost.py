@@ -14,10 +14,11 @@ side by side (``--interleave``):
 
 The reported time ratio is the median of the paired ratios. The FLOP ratio comes from ``FlopCounterMode`` over the
 forward and backward passes of both branches vs the baseline's one branch. Goal: time ratio within 3% of the FLOP
-ratio (ViT token masking ~1.48-1.50, CNN pixel masking 2.0).
+ratio (ViT and BEiT token masking ~1.48-1.50, CNN pixel masking 2.0).
 
     python benchmarks/step_cost.py                       # CPU presets: vit-s-d4 (197 tokens), resnet18 @ 128
     python benchmarks/step_cost.py --smoke               # tiny models, seconds
+    python benchmarks/step_cost.py --model beit-s-d4     # BEiT v2 (beit_token_mask: bias gathered per block)
     python benchmarks/step_cost.py --model vit_base_patch16_224 --img-size 224 --batch-size 256 \\
         --device cuda --precision bf16-mixed             # the same measurement on a GPU
 """

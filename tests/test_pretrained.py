@@ -494,8 +494,8 @@ def test_unknown_suffix_names_it_and_the_allowed_ones(tmp_path):
 def test_unknown_source_rejected(tmp_path):
     path = tmp_path / "w.pth"
     torch.save(snapshot(tiny_vit()), path)
-    with pytest.raises(ValueError, match="Unknown source 'beit'"):
-        load_pretrained(tiny_vit(), path, source="beit")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Unknown source 'dino'"):
+        load_pretrained(tiny_vit(), path, source="dino")  # type: ignore[arg-type]
 
 
 def test_checkpoint_of_another_architecture_is_rejected_with_keys_of_both_sides(tmp_path):

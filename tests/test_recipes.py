@@ -93,6 +93,7 @@ HEADLINE = {
     "swin/swin_tiny": (81.3, 81.4),
     "swin/swin_small": (83.0, 83.4),
     "swin/swin_base": (83.5, 83.9),
+    "beitv2/vit_base": (85.5, 85.6),
 }
 
 # "DeiT-III from scratch": (model, epochs) -> timm model, input, lr, wd, drop-path, GPUs, per-GPU batch.
@@ -506,6 +507,30 @@ def write_clip_checkpoint(path: Path) -> None:
     torch.save(randomized(tower), path)
 
 
+def write_beitv2_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A BEiT v2 pre-training checkpoint in microsoft/unilm's layout: {"model": ...} with one shared relative
+    position table (no table per block), the final norm, the index buffer and the masked-image-modelling parts."""
+    encoder = timm.create_model(
+        "beitv2_base_patch16_224",
+        num_classes=0,
+        global_pool="",
+        use_rel_pos_bias=False,
+        use_shared_rel_pos_bias=True,
+        **TINY_VIT,
+    )
+    state = randomized(encoder)
+    tokens = (TINY_VIT["img_size"] // TINY_VIT["patch_size"]) ** 2 + 1
+    extra = {
+        "rel_pos_bias.relative_position_index": torch.zeros(tokens, tokens, dtype=torch.long),
+        "mask_token": torch.zeros(1, 1, TINY_VIT["embed_dim"]),
+        "lm_head.weight": torch.randn(64, TINY_VIT["embed_dim"]),
+        "lm_head.bias": torch.zeros(64),
+        "cls_pt_layers.0.mlp.fc1.weight": torch.randn(64, TINY_VIT["embed_dim"]),
+    }
+    torch.save({"model": {**state, **extra}}, path)
+    return state
+
+
 def write_lightning_checkpoint(path: Path) -> None:
     """A MaskSub Lightning checkpoint of a DeiT-III stage-1 run: `model.`-prefixed keys, lower resolution."""
     net = timm.create_model(
@@ -525,8 +550,10 @@ def make_fake(root: Path) -> argparse.Namespace:
         "mae": root / "mae_pretrain_vit_tiny.pth",
         "clip": root / "clip_vit_tiny.pth",
         "lightning": root / "last.ckpt",
+        "beitv2": root / "beitv2_base_patch16_224_pt1k_tiny.pth",
     }
     mae_encoder = write_mae_checkpoint(weights["mae"])
+    beit_encoder = write_beitv2_checkpoint(weights["beitv2"])
     write_clip_checkpoint(weights["clip"])
     write_lightning_checkpoint(weights["lightning"])
     datasets: dict[tuple[str, str], Path] = {}
@@ -540,13 +567,15 @@ def make_fake(root: Path) -> argparse.Namespace:
             datasets[key] = path
         return datasets[key]
 
-    return argparse.Namespace(weights=weights, mae_encoder=mae_encoder, dataset=dataset)
+    return argparse.Namespace(
+        weights=weights, mae_encoder=mae_encoder, beit_encoder=beit_encoder, dataset=dataset
+    )
 
 
 def weights_format(recipe: Recipe) -> str:
     if recipe.path.startswith("lut/"):
         return "mae"  # an encoder in the released-MAE layout, as the LUT pre-training exports it
-    return recipe.path.split("/")[0] if recipe.path.startswith(("mae/", "clip/")) else "lightning"
+    return recipe.path.split("/")[0] if recipe.path.startswith(("mae/", "clip/", "beitv2/")) else "lightning"
 
 
 @pytest.mark.parametrize("recipe", CLASSIFICATION, ids=recipe_id)
@@ -603,10 +632,11 @@ def test_recipe_trains_two_steps_on_cpu(parser, fake, recipe, tmp_path, capsys):
         if key in model_cfg["model_kwargs"]:
             assert hp["model_kwargs"][key] == model_cfg["model_kwargs"][key], key
     assert module_.criterion.kind == model_cfg["loss"]
-    # "mask" resolves to the concrete kind for the model: token drop on ViTs, pixel cells on CNNs.
-    is_vit = hasattr(module_.model, "patch_drop")
+    # "mask" resolves to the concrete kind for the model: token drop on ViTs and BEiTs, pixel cells on CNNs.
+    is_vit, is_beit = hasattr(module_.model, "patch_drop"), isinstance(module_.model, timm.models.beit.Beit)
+    token_kind = "BeitTokenMaskSubBranch" if is_beit else "TokenMaskSubBranch"
     sub_kind = {
-        "mask": "TokenMaskSubBranch" if is_vit else "PixelMaskSubBranch",
+        "mask": token_kind if is_vit or is_beit else "PixelMaskSubBranch",
         "mask_token": "MaskTokenSubBranch",
         "none": "NoSubBranch",
     }[recipe.sub_branch]
@@ -639,9 +669,12 @@ def test_recipe_trains_two_steps_on_cpu(parser, fake, recipe, tmp_path, capsys):
     out = capsys.readouterr().out
     if model_cfg["pretrained_weights"]:
         assert f"loaded pretrained weights from {fake.weights[weights_format(recipe)]}" in out
-        assert {"mae": "source: mae", "clip": "source: clip", "lightning": "source: timm"}[
-            weights_format(recipe)
-        ] in out
+        assert {
+            "mae": "source: mae",
+            "clip": "source: clip",
+            "lightning": "source: timm",
+            "beitv2": "source: beit",
+        }[weights_format(recipe)] in out
 
 
 def test_mae_recipe_end_to_end_from_an_mae_checkpoint(fake, tmp_path, capsys):

@@ -11,7 +11,7 @@ Only what cannot run on a CPU in seconds is shrunk: the model's depth / width an
 ``shrink``), one CPU process instead of the GPU layout, the per-device batch and the dataset. ImageNet recipes read
 a 16-image ImageNet folder (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``), the pre-training recipes their
 pre-training DataModule on it, and the transfer recipes their own dataset's fake files (tests/data/fake_data.py).
-Pre-trained weights are the fake MAE / CLIP / DeiT-III files of tests/test_recipes.py. Everything else is the
+Pre-trained weights are the fake MAE / CLIP / DeiT-III / BEiT v2 files of tests/test_recipes.py. Everything else is the
 recipe's: max_epochs (so the whole schedule), optimizer, LR, warmup, min LR, per-step or per-epoch LR, loss, Mixup /
 CutMix, repeated augmentation, sub-branch, EMA callback, grad_accumulation, freezing, clipping and precision. A
 ``16-mixed`` recipe runs with a real CPU GradScaler (Lightning builds none for the CPU), passed as
@@ -61,7 +61,8 @@ DEFAULT = {
     "mae": "mae/vit_large.yaml",  # grad_accumulation 4, LR scaled by the global batch
     "pretrain": "pretrain/lut_vit_small_400ep.yaml",  # LUTModule, two views, bf16-mixed, grad_accumulation 4
     "resnet_rsb": "resnet_rsb/resnet50.yaml",  # pixel-mask sub-branch on a CNN, soft BCE, random interpolation
-    "swin": "swin/swin_tiny.yaml",  # mask-token sub-branch, clipping at 5.0, LR scaled by batch / 512
+    "swin": "swin/swin_tiny.yaml",
+    "beitv2": "beitv2/vit_base.yaml",  # beit_token_mask, rel-pos tables decayed, layer decay 0.6, 16-mixed  # mask-token sub-branch, clipping at 5.0, LR scaled by batch / 512
     "transfer": "transfer/cifar10.yaml",  # CIFAR-10 pickles, SGD, a mid-epoch resume (5 steps per epoch)
 }
 

@@ -12,6 +12,7 @@ from torch import nn
 from masksub_lightning import MaskSubModule, masking
 from masksub_lightning.method.subbranch import (
     SUB_BRANCHES,
+    BeitTokenMaskSubBranch,
     DropoutSubBranch,
     DropPathSubBranch,
     MaskTokenSubBranch,
@@ -30,6 +31,10 @@ from masksub_lightning.method.subbranch import (
 
 def vit(**kw):
     return timm.create_model("vit_tiny_patch16_224", num_classes=4, **tiny_vit_kwargs(**kw)).train()
+
+
+def beit():
+    return timm.create_model("beitv2_base_patch16_224", num_classes=4, **tiny_vit_kwargs()).train()
 
 
 def resnet():
@@ -289,6 +294,7 @@ def test_mask_resolves_to_the_concrete_kind_for_the_model():
     ("name", "cls", "make"),
     [
         ("token_mask", TokenMaskSubBranch, vit),
+        ("beit_token_mask", BeitTokenMaskSubBranch, beit),
         ("pixel_mask", PixelMaskSubBranch, resnet),
         ("mask_token", MaskTokenSubBranch, swin),
         ("dropout", DropoutSubBranch, vit),
@@ -419,6 +425,7 @@ def eva():
         ("token_mask", vit, 32),
         ("token_mask", lambda: vit(patch_drop_rate=0.1), 32),
         ("token_mask", eva, 28),  # patch_drop None, indices returned
+        ("beit_token_mask", beit, 32),  # hooks on pos_drop, attentions' class swapped and back
         ("mask_token", swin, 64),
         ("droppath", lambda: vit(drop_path_rate=0.1), 32),  # DropPath slots kept, Identity ones swapped back
         ("droppath", resnet, 32),  # drop_path None in timm's ResNet blocks

@@ -13,18 +13,20 @@ A sub-branch never owns a copy of the network and never subclasses it. Every kin
 
 Kinds (the name a YAML config uses -> the class :func:`build_sub_branch` returns):
 
-================ ========================== ==========================================================================
-``mask``         resolved per model         the paper's default: ``token_mask`` for the ViT family (``patch_drop`` +
-                                            ``num_prefix_tokens``: vit_*, deit3_*, eva*, ...), ``pixel_mask``
-                                            for every other model
-``token_mask``   TokenMaskSubBranch         MAE-style token drop after the position embedding
-``pixel_mask``   PixelMaskSubBranch         zero a random half of 32x32-pixel cells (any model)
-``mask_token``   MaskTokenSubBranch         the authors' Swin variant: masked 32x32-pixel regions replaced by a
-                                            learned token after patch embedding (``patch_embed`` emits NHWC)
-``dropout``      DropoutSubBranch           every dropout layer inside the network's blocks set to ``p``
-``droppath``     DropPathSubBranch          every block's drop-path set to ``p``
-``none``         NoSubBranch                no sub-branch: plain supervised training (the A/B baseline)
-================ ========================== ==========================================================================
+=================== ========================== ==========================================================================
+``mask``            resolved per model         the paper's default: ``token_mask`` for the ViT family (``patch_drop`` +
+                                               ``num_prefix_tokens``: vit_*, deit3_*, eva*, ...), ``beit_token_mask``
+                                               for timm's BEiT (beit_*, beitv2_*), ``pixel_mask`` for every other model
+``token_mask``      TokenMaskSubBranch         MAE-style token drop after the position embedding
+``beit_token_mask`` BeitTokenMaskSubBranch     the same drop on a BEiT, its relative position bias gathered at the kept
+                                               tokens in every block (``method/beit_tokens.py``)
+``pixel_mask``      PixelMaskSubBranch         zero a random half of 32x32-pixel cells (any model)
+``mask_token``      MaskTokenSubBranch         the authors' Swin variant: masked 32x32-pixel regions replaced by a
+                                               learned token after patch embedding (``patch_embed`` emits NHWC)
+``dropout``         DropoutSubBranch           every dropout layer inside the network's blocks set to ``p``
+``droppath``        DropPathSubBranch          every block's drop-path set to ``p``
+``none``            NoSubBranch                no sub-branch: plain supervised training (the A/B baseline)
+=================== ========================== ==========================================================================
 
 Adding a kind: subclass :class:`SubBranch`, implement ``unsupported_reason`` / ``perturbed`` (and ``setup`` /
 ``teardown`` if the model needs a switch installed once), and decorate it with ``@register_sub_branch("name")``.
@@ -42,7 +44,7 @@ from timm.layers.patch_dropout import PatchDropoutWithIndices, patch_dropout_for
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from masksub_lightning.method import masking
+from masksub_lightning.method import beit_tokens, masking
 from masksub_lightning.models import network
 
 #: Registered kind name -> its class.
@@ -64,9 +66,12 @@ def register_sub_branch(name: str) -> Callable[[type[SubBranch]], type[SubBranch
 
 
 def _resolve_mask(model: nn.Module, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``mask``: token drop for the ViT family, pixel cells otherwise; ``cell_size`` only matters for the latter."""
+    """``mask``: token drop for the ViT and BEiT families, pixel cells otherwise; ``cell_size`` only matters for the
+    latter."""
     if "cell_size" in options:
         _check_cell_size(options["cell_size"])  # a bad value is an error even where it is not used
+    if beit_tokens.is_beit(model):
+        return "beit_token_mask", {k: v for k, v in options.items() if k != "cell_size"}
     if _is_token_model(model):
         return "token_mask", {k: v for k, v in options.items() if k != "cell_size"}
     return "pixel_mask", options
@@ -321,6 +326,9 @@ class PixelMaskSubBranch(SubBranch):
 
 
 # -------------------------------------------------------------------------------------------------- token mask
+_TokenGeometry = tuple[tuple[int, int], int, tuple[int, int]]  # (token grid, patch side, image size)
+
+
 def _is_token_model(model: nn.Module) -> bool:
     return (
         hasattr(model, "patch_drop") and hasattr(model, "num_prefix_tokens") and hasattr(model, "patch_embed")
@@ -378,7 +386,7 @@ class TokenMaskSubBranch(SubBranch):
     def __init__(self, ratio: float = 0.5) -> None:
         super().__init__(ratio)
         self.last_keep_indices: Tensor | None = None
-        self._last_geometry: tuple[tuple[int, int], int, tuple[int, int]] | None = None
+        self._last_geometry: _TokenGeometry | None = None
 
     def unsupported_reason(self, model: nn.Module) -> str | None:
         if not _is_token_model(model):
@@ -417,19 +425,78 @@ class TokenMaskSubBranch(SubBranch):
                 yield images
         finally:
             self.last_keep_indices = switch.keep_indices
-            embed = model.patch_embed
-            self._last_geometry = (tuple(embed.grid_size), embed.patch_size[0], tuple(images.shape[-2:]))
+            self._last_geometry = _token_geometry(model, images)
 
     @property
     def last_mask(self) -> Tensor | None:
         """Pixel view of the dropped tokens, (B, H, W) with True = dropped; built on demand (visualisation)."""
-        keep = self.last_keep_indices
-        if keep is None or self._last_geometry is None:
-            return None
-        (grid_h, grid_w), patch, image_hw = self._last_geometry
-        token_mask = torch.ones(keep.shape[0], grid_h * grid_w, dtype=torch.bool, device=keep.device)
-        token_mask.scatter_(1, keep, False)
-        return masking.upsample_grid_mask(token_mask.view(-1, grid_h, grid_w), patch, image_hw)
+        return _dropped_token_pixels(self.last_keep_indices, self._last_geometry)
+
+
+def _token_geometry(model: nn.Module, images: Tensor) -> _TokenGeometry:
+    embed = model.patch_embed
+    return tuple(embed.grid_size), embed.patch_size[0], tuple(images.shape[-2:])
+
+
+def _dropped_token_pixels(keep: Tensor | None, geometry: _TokenGeometry | None) -> Tensor | None:
+    """(B, H, W) pixel mask, True where a patch token was dropped; ``keep``: (B, K) kept patch indices."""
+    if keep is None or geometry is None:
+        return None
+    (grid_h, grid_w), patch, image_hw = geometry
+    token_mask = torch.ones(keep.shape[0], grid_h * grid_w, dtype=torch.bool, device=keep.device)
+    token_mask.scatter_(1, keep, False)
+    return masking.upsample_grid_mask(token_mask.view(-1, grid_h, grid_w), patch, image_hw)
+
+
+# ---------------------------------------------------------------------------------------------- BEiT token mask
+@register_sub_branch("beit_token_mask")
+class BeitTokenMaskSubBranch(SubBranch):
+    """Token drop for timm's BEiT / BEiT v2: the ``token_mask`` count law, with the relative position bias gathered.
+
+    After the position embedding the class token and a uniformly random ``int(L * (1 - ratio))`` of the L patch
+    tokens are kept per sample, as :class:`TokenMaskSubBranch` does; every block's relative position bias (and the
+    shared one, if the model has it) is gathered per sample at the kept tokens, their only position signal in BEiT
+    v2. ``setup`` installs one :class:`~masksub_lightning.method.beit_tokens.BeitTokenDrop` (forward hooks on
+    ``pos_drop`` and ``rel_pos_bias``, the attentions' class swapped for one whose bias lookup gathers), inactive on
+    the main branch; ``teardown`` removes it, leaving the model as timm built it.
+    """
+
+    def __init__(self, ratio: float = 0.5) -> None:
+        super().__init__(ratio)
+        self.last_keep_indices: Tensor | None = None
+        self._last_geometry: _TokenGeometry | None = None
+
+    def unsupported_reason(self, model: nn.Module) -> str | None:
+        return beit_tokens.unsupported_reason(model)
+
+    def setup(self, model: nn.Module) -> None:
+        super().setup(model)
+        if beit_tokens.find_switch(model) is None:
+            beit_tokens.BeitTokenDrop(model)  # kept alive by its hooks on the model
+
+    def teardown(self, model: nn.Module) -> None:
+        switch = beit_tokens.find_switch(model)
+        if switch is not None:
+            switch.remove()
+
+    @contextlib.contextmanager
+    def perturbed(self, model: nn.Module, images: Tensor) -> Iterator[Tensor]:
+        switch = beit_tokens.find_switch(model)
+        if switch is None:
+            raise RuntimeError(f"{type(self).__name__} is not set up on this model: call setup(model) first")
+        if getattr(model, "grad_checkpointing", False):  # turned on after setup
+            raise RuntimeError(f"{self.name}: {beit_tokens.unsupported_reason(model)}")
+        try:
+            with switch.dropping(self.ratio):
+                yield images
+        finally:
+            self.last_keep_indices = switch.keep_indices
+            self._last_geometry = _token_geometry(model, images)
+
+    @property
+    def last_mask(self) -> Tensor | None:
+        """Pixel view of the dropped tokens, (B, H, W) with True = dropped; built on demand (visualisation)."""
+        return _dropped_token_pixels(self.last_keep_indices, self._last_geometry)
 
 
 # ------------------------------------------------------------------------------------------------- mask token

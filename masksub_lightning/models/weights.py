@@ -1,11 +1,13 @@
-"""Load a local MAE / CLIP / DeiT-III / timm weights file into a timm model, on top of timm's own loader.
+"""Load a local MAE / CLIP / DeiT-III / BEiT / timm weights file into a timm model, on top of timm's own loader.
 
 Steps (each a small function)::
 
     _read                   timm's load_state_dict (.safetensors, or a pickle read with weights_only=True;
                             "state_dict" / "model" unwrapped; DDP / torch.compile prefixes removed) + DeepSpeed's
                             "module" and the "model." prefix of a MaskSubModule Lightning checkpoint
-    _convert_format         mae: decoder dropped; clip: OpenAI text tower dropped; deit3: gamma_1/2 -> ls1/ls2.gamma
+    _convert_format         mae: decoder dropped; clip: OpenAI text tower dropped; deit3: gamma_1/2 -> ls1/ls2.gamma;
+                            beit: the pre-training's shared relative position table copied into every block,
+                            relative_position_index, mask_token, lm_head and cls_pt_* dropped
     _fix_pos_embed_layout   class-token slot of pos_embed added / folded into cls_token (exact)
     _apply_timm_filter      the model module's checkpoint_filter_fn: resampling, OpenAI CLIP names, ...
     _select                 norm dropped when the model pools before a fresh fc_norm (MAE fine-tuning), ``exclude``,
@@ -42,13 +44,16 @@ __all__ = ["SUPPORTED_SUFFIXES", "LoadReport", "Source", "detect_source", "load_
 
 _logger = logging.getLogger(__name__)
 
-Source = Literal["auto", "timm", "mae", "clip", "deit3"]
+Source = Literal["auto", "timm", "mae", "clip", "deit3", "beit"]
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 _LIGHTNING_PREFIX = "model."  # MaskSubModule stores its network as attribute `model`
 _MIN_COVERAGE = 0.5  # a checkpoint must cover this fraction of the model's non-classifier tensors
 _SHOW = 8  # key names listed before "... and N more"
 _GAMMA_RE = re.compile(r"^(.*)\.gamma_([12])$")
+_SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"  # BEiT pre-training: one table for every block
+_BEIT_PRETRAINING = ("mask_token", "lm_head.", "cls_pt_")  # masked image modelling only (unilm beit2)
+_BLOCK_TABLE_RE = re.compile(r"blocks\.(\d+)\.attn\.relative_position_bias_table")
 _FRESH_FC_NORM = (
     "the model pools before its norm (norm is Identity): fc_norm is built fresh, as MAE fine-tuning does"
 )
@@ -167,12 +172,15 @@ def detect_source(state_dict: Mapping[str, Any]) -> str:
     """Guess which format a (container-free, prefix-free) state dict is in.
 
     Returns:
-        ``"mae"`` when it holds an MAE decoder (``decoder_*`` keys), ``"deit3"`` when it holds LayerScale
-        ``gamma_1`` / ``gamma_2``, ``"clip"`` for ``visual.*`` (OpenAI / OpenCLIP) keys or a ``norm_pre`` layer,
-        otherwise ``"timm"``.
+        ``"mae"`` when it holds an MAE decoder (``decoder_*`` keys), ``"beit"`` for relative position bias tables
+        or BEiT pre-training heads (``lm_head``, ``cls_pt_*``; BEiT keeps LayerScale as ``gamma_1`` too),
+        ``"deit3"`` when it holds LayerScale ``gamma_1`` / ``gamma_2``, ``"clip"`` for ``visual.*`` (OpenAI /
+        OpenCLIP) keys or a ``norm_pre`` layer, otherwise ``"timm"``.
     """
     if any(k.startswith("decoder_") for k in state_dict):
         return "mae"
+    if _is_beit_layout(state_dict):
+        return "beit"
     if any(_GAMMA_RE.match(k) for k in state_dict):
         return "deit3"
     if any(k.startswith(("visual.", "norm_pre.")) for k in state_dict):
@@ -180,9 +188,21 @@ def detect_source(state_dict: Mapping[str, Any]) -> str:
     return "timm"
 
 
-def _convert_format(sd: dict[str, Tensor], report: LoadReport) -> dict[str, Tensor]:
-    """What timm's filter does not know about the MAE / CLIP / DeiT-III files; the rest is timm's."""
+def _is_beit_layout(state_dict: Mapping[str, Any]) -> bool:
+    """A BEiT pre-training file (shared table, masked-image-modelling heads) or a BEiT classifier in timm's names
+    (a table per block next to LayerScale ``gamma_1``, which the DeiT-III rule below would otherwise rename)."""
+    if _SHARED_TABLE in state_dict or any(k.startswith(("lm_head.", "cls_pt_")) for k in state_dict):
+        return True
+    return any(_BLOCK_TABLE_RE.fullmatch(k) for k in state_dict) and any(
+        _GAMMA_RE.match(k) for k in state_dict
+    )
+
+
+def _convert_format(sd: dict[str, Tensor], report: LoadReport, model_keys: set[str]) -> dict[str, Tensor]:
+    """What timm's filter does not know about the MAE / CLIP / DeiT-III / BEiT files; the rest is timm's."""
     drop: dict[str, str] = {}
+    if report.source == "beit":
+        return _convert_beit(sd, report, model_keys)
     if report.source == "mae":  # facebookresearch/mae pre-training: encoder in timm names + decoder
         drop = {
             k: "MAE decoder (pre-training only)" for k in sd if k.startswith("decoder_") or k == "mask_token"
@@ -194,6 +214,36 @@ def _convert_format(sd: dict[str, Tensor], report: LoadReport) -> dict[str, Tens
         report.renamed_keys.update({k: _GAMMA_RE.sub(r"\1.ls\2.gamma", k) for k in sd if _GAMMA_RE.match(k)})
     report.dropped_keys.update(drop)
     return {report.renamed_keys.get(k, k): v for k, v in sd.items() if k not in drop}
+
+
+def _convert_beit(sd: dict[str, Tensor], report: LoadReport, model_keys: set[str]) -> dict[str, Tensor]:
+    """microsoft/unilm BEiT / BEiT v2 pre-training file -> the fine-tuning model's keys.
+
+    As unilm's ``run_class_finetuning.py`` does: a model with a table per block (timm's beit*/beitv2* default)
+    gets a copy of the shared ``rel_pos_bias`` table in every ``blocks.i.attn.relative_position_bias_table`` (timm's
+    filter would try to resize it into a module the model does not have); the index buffers are rebuilt by the
+    model; the masked-image-modelling parts are not part of a classifier.
+    """
+    drop = {k: "index buffer, rebuilt by the model" for k in sd if "relative_position_index" in k}
+    drop.update(
+        {k: "BEiT pre-training only (masked image modelling)" for k in sd if k.startswith(_BEIT_PRETRAINING)}
+    )
+    block_tables = sorted(
+        (k for k in model_keys if _BLOCK_TABLE_RE.fullmatch(k)), key=lambda k: int(k.split(".")[1])
+    )
+    out = {k: v for k, v in sd.items() if k not in drop}
+    if _SHARED_TABLE in out and _SHARED_TABLE not in model_keys and block_tables:
+        shared = out.pop(_SHARED_TABLE)
+        for key in block_tables:
+            out[key] = shared.clone()
+        drop[_SHARED_TABLE] = (
+            f"shared table copied into the {len(block_tables)} blocks' attn.relative_position_bias_table"
+        )
+        report.notes.append(
+            f"BEiT: copied the shared {_SHARED_TABLE} {list(shared.shape)} into each of {len(block_tables)} blocks"
+        )
+    report.dropped_keys.update(drop)
+    return out
 
 
 def _is_square(n: int) -> bool:
@@ -326,7 +376,7 @@ def load_pretrained(
     exclude: Sequence[str] = (),
     strict_encoder: bool = False,
 ) -> LoadReport:
-    """Load a local MAE / CLIP / DeiT-III / timm checkpoint into ``model`` (in place).
+    """Load a local MAE / CLIP / DeiT-III / BEiT / timm checkpoint into ``model`` (in place).
 
     Args:
         model: The target network (normally a timm model built with the fine-tuning recipe's arguments: its own
@@ -352,7 +402,7 @@ def load_pretrained(
     report = LoadReport(path=str(path), source=source)
     sd = _read(path, set(model_sd), report)
     report.source = detect_source(sd) if source == "auto" else source
-    sd = _convert_format(sd, report)
+    sd = _convert_format(sd, report, set(model_sd))
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     _fix_pos_embed_layout(sd, model, report.notes)
     sd = _apply_timm_filter(sd, model, report)

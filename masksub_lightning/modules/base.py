@@ -19,7 +19,7 @@ refused on resume when its length changed), the RNG hooks that make resume exact
 
 The options it reads are constructor arguments of each subclass, under the same names (checked by
 :func:`check_training_options`): ``optimizer``, ``lr``, ``lr_base_batch_size``, ``weight_decay``, ``layer_decay``,
-``optimizer_kwargs``, ``scheduler``, ``lr_interval``, ``warmup_epochs``, ``warmup_lr``, ``min_lr``,
+``no_weight_decay``, ``optimizer_kwargs``, ``scheduler``, ``lr_interval``, ``warmup_epochs``, ``warmup_lr``, ``min_lr``,
 ``grad_clip_norm``, ``grad_accumulation``, ``nonfinite_loss``, ``compile``, ``channels_last``.
 """
 
@@ -50,6 +50,7 @@ from masksub_lightning.training.optim import (
 #: Options whose absence from a subclass's hyperparameters means this default.
 _DEFAULTS = {
     "layer_decay": None,
+    "no_weight_decay": None,
     "optimizer_kwargs": None,
     "lr_interval": "step",
     "grad_clip_norm": None,
@@ -73,6 +74,11 @@ def check_training_options(options: Mapping[str, Any]) -> None:
     layer_decay = get("layer_decay")
     if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r}")
+    no_decay = get("no_weight_decay")
+    if no_decay is not None and (isinstance(no_decay, str) or not all(isinstance(n, str) for n in no_decay)):
+        raise ValueError(
+            f"no_weight_decay must be a list of parameter names such as ['cls_token'], got {no_decay!r}"
+        )
     if get("grad_clip_norm") is not None:
         check_positive("grad_clip_norm", get("grad_clip_norm"))
     check_positive("grad_accumulation", get("grad_accumulation"), integer=True)
@@ -339,6 +345,7 @@ class TrainingModule(L.LightningModule):
             lr,
             hp.weight_decay,
             self._option("layer_decay"),
+            no_weight_decay=self._option("no_weight_decay"),
             **(self.optimizer_defaults() if kwargs is None else dict(kwargs)),
         )
         total_steps, steps_per_epoch = self._optimizer_steps()

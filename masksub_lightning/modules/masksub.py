@@ -14,6 +14,7 @@ around the two branches (accumulation, clipping, schedule, non-finite losses, ex
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Literal
 
 import torch
@@ -45,8 +46,8 @@ class MaskSubModule(TrainingModule):
             ``masksub_lightning.models.weights``; the head is replaced when its size differs).
         pretrained_exclude: module names of the checkpoint not loaded (kept at their fresh initialisation), e.g.
             ``[norm]`` for CLIP fine-tuning.
-        sub_branch: sub-branch kind by name (``mask``, ``token_mask``, ``pixel_mask``, ``mask_token``, ``dropout``,
-            ``droppath``, ``none``) or a ``SubBranch`` object.
+        sub_branch: sub-branch kind by name (``mask``, ``token_mask``, ``beit_token_mask``, ``pixel_mask``,
+            ``mask_token``, ``dropout``, ``droppath``, ``none``) or a ``SubBranch`` object.
         sub_ratio: mask ratio / drop probability of the sub-branch, in [0, 1).
         sub_branch_kwargs: extra options of the kind (``cell_size`` for the pixel / token-replacement masks).
         loss: ``ce`` (cross-entropy, soft targets for mixup) or ``bce`` (DeiT-III / RSB binary cross-entropy).
@@ -57,6 +58,9 @@ class MaskSubModule(TrainingModule):
         lr_base_batch_size: batch size ``lr`` refers to (256 for MAE, 512 for Swin); None: use ``lr`` as given.
         weight_decay: weight decay (never applied to norms, biases, position embeddings and tokens).
         layer_decay: layer-wise LR decay factor for fine-tuning; None for none.
+        no_weight_decay: parameter names (fnmatch patterns) kept out of weight decay besides norms and biases, in
+            place of the model's ``no_weight_decay()`` (None: the model's). The BEiT v2 recipe gives ``[cls_token]``
+            so that the relative position tables are decayed, as unilm's fine-tuning does.
         optimizer_kwargs: extra optimizer arguments (``betas``, ``eps``, ``momentum``, ``fused``).
         scheduler: ``cosine``, ``constant``, ``poly``, ``tanh`` or ``wsd``, stepped once per optimizer step.
         lr_interval: ``step`` moves the LR after every optimizer step; ``epoch`` once per epoch, as the DeiT-III
@@ -96,6 +100,7 @@ class MaskSubModule(TrainingModule):
         lr_base_batch_size: int | None = None,
         weight_decay: float = 0.05,
         layer_decay: float | None = None,
+        no_weight_decay: list[str] | None = None,
         optimizer_kwargs: dict[str, Any] | None = None,
         scheduler: str = "cosine",
         lr_interval: Literal["step", "epoch"] = "step",
@@ -137,6 +142,8 @@ class MaskSubModule(TrainingModule):
             network.init_classifier(self.model, head_init_std)
         if freeze:
             network.freeze(self.model, freeze)
+        if no_weight_decay:
+            _check_names_match(self.model, no_weight_decay)
         self.criterion = MaskSubLoss(loss, label_smoothing, bce_target_threshold)
         self.sub_branch = build_sub_branch(
             sub_branch, sub_ratio, model=self.model, **(sub_branch_kwargs or {})
@@ -252,3 +259,14 @@ class MaskSubModule(TrainingModule):
         if self.hparams.channels_last and images.dim() == 4:
             return images.contiguous(memory_format=torch.channels_last)
         return images
+
+
+def _check_names_match(model: nn.Module, patterns: list[str]) -> None:
+    """Refuse a ``no_weight_decay`` entry that names no parameter of the model (a typo would decay silently)."""
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatch(n, p) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"no_weight_decay entries {unmatched} match no parameter of the model; its top-level parameters "
+            f"and modules are {sorted({n.split('.')[0] for n in names})}"
+        )

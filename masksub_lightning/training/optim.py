@@ -2,16 +2,20 @@
 
 * Optimizers by timm name (``adamw``, ``lamb``, ``sgd``, ... see ``timm.optim.list_optimizers()``), with weight decay
   excluded for norms, biases and every 1-D parameter plus the model's ``no_weight_decay()`` set (position embeddings,
-  class / register tokens), and optional layer-wise LR decay (timm's ``layer_decay``).
+  class / register tokens; BEiT's relative position tables) or a recipe's own list in its place, and optional
+  layer-wise LR decay (timm's ``layer_decay``).
 * Per-step schedules (warmup then cosine, ...) from ``timm.scheduler.create_scheduler_v2``, counted in optimizer
   steps so warmup and decay do not depend on epoch boundaries.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import timm.optim
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
@@ -40,6 +44,7 @@ def build_optimizer(
     lr: float = 1e-3,
     weight_decay: float = 0.05,
     layer_decay: float | None = None,
+    no_weight_decay: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> Optimizer:
     """An optimizer over ``model``'s parameters with the recipes' weight-decay exclusions and layer decay.
@@ -50,9 +55,27 @@ def build_optimizer(
         lr: peak learning rate (already scaled by batch size, if the recipe scales it).
         weight_decay: decay applied to weight matrices / kernels only.
         layer_decay: layer-wise LR decay factor (e.g. 0.65 for MAE ViT-B fine-tuning), None for none.
+        no_weight_decay: parameter names (fnmatch patterns) kept out of weight decay besides the 1-D parameters and
+            biases, in place of the model's ``no_weight_decay()``; None uses the model's. BEiT fine-tuning gives
+            ``[cls_token]``: timm's BEiT list also spares the relative position tables, unilm's does not.
         **kwargs: passed to the optimizer (betas, eps, momentum, fused, ...).
     """
     check_optimizer_name(name)
+    group_fn = None
+    if no_weight_decay is not None:  # timm's own grouping, with this list instead of model.no_weight_decay()
+        if layer_decay is not None:
+            group_fn = partial(
+                param_groups_layer_decay,
+                weight_decay=weight_decay,
+                layer_decay=layer_decay,
+                no_weight_decay_list=list(no_weight_decay),
+            )
+        else:
+            group_fn = partial(
+                param_groups_weight_decay,
+                weight_decay=weight_decay,
+                no_weight_decay_list=list(no_weight_decay),
+            )
     return timm.optim.create_optimizer_v2(
         model,
         opt=name,
@@ -60,6 +83,7 @@ def build_optimizer(
         weight_decay=weight_decay,
         layer_decay=layer_decay,
         filter_bias_and_bn=True,
+        param_group_fn=group_fn,
         **kwargs,
     )
 
