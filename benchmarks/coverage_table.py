@@ -168,15 +168,61 @@ def eva_kept_tokens_forward(model: nn.Module, images: Tensor, keep: Tensor) -> T
     return model.forward_head(model.norm(x))
 
 
+def _beit_full_bias(owner: nn.Module) -> Tensor:
+    """(heads, T, T) relative position bias of a BEiT attention or shared ``rel_pos_bias``, looked up here."""
+    table, index = owner.relative_position_bias_table, owner.relative_position_index
+    return table[index].permute(2, 0, 1)
+
+
+def _beit_attention(attn: nn.Module, x: Tensor, bias: Tensor) -> Tensor:
+    """timm BEiT attention written out (q / v biases, no k bias), with ``bias`` (B, heads, T, T) added."""
+    batch, tokens, dim = x.shape
+    qkv_bias = (
+        torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+        if attn.q_bias is not None
+        else None
+    )
+    q, k, v = (
+        F.linear(x, attn.qkv.weight, qkv_bias)
+        .reshape(batch, tokens, 3, attn.num_heads, -1)
+        .permute(2, 0, 3, 1, 4)
+    )
+    weights = ((q * attn.scale) @ k.transpose(-2, -1) + bias).softmax(-1)
+    return attn.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def beit_kept_tokens_forward(model: nn.Module, images: Tensor, keep: Tensor) -> Tensor:
+    """timm Beit on the class token plus the kept patch tokens, every block's bias gathered at those tokens."""
+    x = model.patch_embed(images)
+    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    x = x + model.pos_embed if model.pos_embed is not None else x
+    index = torch.cat([torch.zeros_like(keep[:, :1]), keep + 1], dim=1)  # (B, 1 + K): class token first
+    x = _kept(x, index)
+    shared = _beit_full_bias(model.rel_pos_bias) if model.rel_pos_bias is not None else 0.0
+    for block in model.blocks:
+        own = _beit_full_bias(block.attn) if block.attn.relative_position_bias_table is not None else 0.0
+        bias = torch.as_tensor(own + shared)
+        kept_bias = bias[:, index[:, :, None], index[:, None, :]].transpose(0, 1)  # (B, heads, 1 + K, 1 + K)
+        gamma_1 = block.gamma_1 if block.gamma_1 is not None else 1.0
+        gamma_2 = block.gamma_2 if block.gamma_2 is not None else 1.0
+        x = x + gamma_1 * _beit_attention(block.attn, block.norm1(x), kept_bias)
+        x = x + gamma_2 * block.mlp(block.norm2(x))
+    return model.forward_head(model.norm(x))
+
+
 def independent_sub_forward(module: MaskSubModule, images: Tensor) -> Callable[[nn.Module], Tensor] | str:
     """The sub-branch forward of the step just taken, re-implemented; or why there is none ("n/a: ...")."""
     branch, model = module.sub_branch, module.model
     if branch.name == "pixel_mask":
         masked = torch.where(branch.last_mask.unsqueeze(1), torch.zeros_like(images), images)
         return lambda m: m(masked)
-    if branch.name == "token_mask":
+    if branch.name in ("token_mask", "beit_token_mask"):
         keep = branch.last_keep_indices
-        by_class = {"VisionTransformer": vit_kept_tokens_forward, "Eva": eva_kept_tokens_forward}
+        by_class = {
+            "VisionTransformer": vit_kept_tokens_forward,
+            "Eva": eva_kept_tokens_forward,
+            "Beit": beit_kept_tokens_forward,
+        }
         forward = by_class.get(type(model).__name__)
         if forward is not None:
             return lambda m: forward(m, images, keep)
