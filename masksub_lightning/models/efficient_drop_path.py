@@ -69,7 +69,8 @@ def add_drop_path_branch(
     scale = keep.index_select(0, rows).to(out.dtype)
     if keep_prob > 0.0 and drop_path.scale_by_keep:
         scale = scale.div_(keep_prob)
-    return x.index_add(0, rows, out * scale)
+    dtype = torch.result_type(x, out)  # what timm's `x + out` promotes to (fp32 residual + bf16 branch: fp32)
+    return x.to(dtype).index_add(0, rows, (out * scale).to(dtype))
 
 
 # ------------------------------------------------------------------------------------------------- the blocks
