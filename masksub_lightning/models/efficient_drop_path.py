@@ -18,7 +18,8 @@ even when no sample is kept (DDP without ``find_unused_parameters`` needs that).
 The switch swaps each supported block's class for a subclass that only overrides ``forward``: parameters, buffers,
 state-dict keys and ``named_modules`` stay exactly timm's, a deep copy (EMA) keeps the switch, and
 :func:`disable_efficient_drop_path` puts timm's class back. ``DropPathSubBranch`` keeps working: it flips the
-``drop_prob`` of the same ``DropPath`` modules, which this forward reads at call time.
+``drop_prob`` of the same ``DropPath`` modules, which this forward reads at call time. Those modules are no longer
+called in training at a rate above 0 (the block applies the rate), so hooks on them do not fire; hook the block.
 
 Under ``torch.compile`` the count is read in eager code (a graph break per drop-path); the graph after it is
 recompiled once with the row count dynamic, then reused whatever the draw.
