@@ -36,6 +36,7 @@ from test_recipes import (
 )
 
 from masksub_lightning.commands.cli import build_cli
+from masksub_lightning.models.efficient_drop_path import EfficientDropPathBlock
 from masksub_lightning.models.network import drop_path_rates
 
 STEPS_PER_EPOCH = 4
@@ -138,6 +139,8 @@ def test_deit3_pretraining(parser, fake, tmp_path):
     rates = blocks_drop_path(model)
     assert len(rates) == 2 * len(model.blocks) and rates == pytest.approx([0.1] * len(rates))
     assert all(isinstance(b.drop_path1, DropPath) for b in model.blocks)
+    # Compute-skipping drop-path (speed only; tests/test_efficient_drop_path.py shows it is timm's DropPath law).
+    assert module.hparams.efficient_drop_path and all(type(b) is EfficientDropPathBlock for b in model.blocks)
     # LayerScale init 1e-4 (the DeiT-III code's init_values; timm's deit3 default is 1e-6). One step at lr 1e-6
     # moves a LAMB parameter without weight decay by about 1e-6 (no trust ratio), hence the tolerance.
     for gamma in (model.blocks[0].ls1.gamma, model.blocks[-1].ls2.gamma):
@@ -171,6 +174,7 @@ def test_deit3_finetune_224(parser, fake, tmp_path):
     cli = build(parser, fake, tmp_path, "deit3/vit_large_400ep_ft224.yaml")
     model, module = cli.model.model, cli.model
     assert blocks_drop_path(model) == pytest.approx([0.45] * (2 * len(model.blocks)))
+    assert all(type(b) is EfficientDropPathBlock for b in model.blocks)
     assert type(module.optimizers().optimizer).__name__ == "AdamW"
     assert all(g["eps"] == 1e-8 for g in groups(cli))
     assert group_of(cli, model.blocks[0].mlp.fc1.weight)["weight_decay"] == pytest.approx(0.1)
@@ -190,7 +194,8 @@ def test_droppath_sub_branch_restores_each_blocks_own_constant_rate(parser, fake
     )
     model = cli.model.model
     seen = []
-    hook = model.blocks[0].drop_path1.register_forward_pre_hook(lambda m, a: seen.append(m.drop_prob))
+    # On the block, not its DropPath: with efficient_drop_path (the recipe's) the block applies the rate itself.
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(m.drop_path1.drop_prob))
     cli.model.train()
     images = torch.randn(2, 3, 32, 32)
     cli.model.sub_branch_forward(images)

@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from masksub_lightning.method.losses import MaskSubLoss
 from masksub_lightning.method.subbranch import SubBranch, build_sub_branch
 from masksub_lightning.models import network
+from masksub_lightning.models.efficient_drop_path import enable_efficient_drop_path
 from masksub_lightning.modules.base import TrainingModule, check_positive, check_training_options
 
 
@@ -39,6 +40,10 @@ class MaskSubModule(TrainingModule):
         drop_path_profile: per-block stochastic-depth rates: ``linear`` (timm's ramp from 0 at the first block to
             ``drop_path_rate`` at the last) or ``constant`` (every block at ``drop_path_rate``, as the DeiT-III
             code builds its models).
+        efficient_drop_path: run each block's attention and MLP branch on the samples its drop-path keeps only
+            (timm ViT ``Block`` / ``ResPostBlock``; training only). Same draws, same RNG stream and, up to float
+            rounding, the same outputs and gradients as timm's ``DropPath``; a block at rate p costs about
+            ``1 - p`` of its FLOPs. See ``masksub_lightning.models.efficient_drop_path``.
         head_init_std: re-initialise the classifier weight with a normal draw of this std and a zero bias (2e-5
             for MAE and CLIP fine-tuning); None keeps the model's own initialisation.
         freeze: module names whose parameters are not trained (e.g. ``[patch_embed]`` for CLIP fine-tuning).
@@ -85,6 +90,7 @@ class MaskSubModule(TrainingModule):
         num_classes: int = 1000,
         model_kwargs: dict[str, Any] | None = None,
         drop_path_profile: str = "linear",  # "linear" | "constant": checked below, one-line error from the CLI
+        efficient_drop_path: bool = False,
         head_init_std: float | None = None,
         freeze: list[str] | None = None,
         pretrained_weights: str | None = None,
@@ -132,12 +138,16 @@ class MaskSubModule(TrainingModule):
         if drop_path_profile not in network.DROP_PATH_PROFILES:
             allowed = ", ".join(network.DROP_PATH_PROFILES)
             raise ValueError(f"drop_path_profile must be one of {allowed}, got {drop_path_profile!r}")
+        if not isinstance(efficient_drop_path, bool):
+            raise ValueError(f"efficient_drop_path must be true or false, got {efficient_drop_path!r}")
 
         self.num_classes = num_classes
         self.model = network.create_network(model, num_classes, model_kwargs or {})
         network.set_drop_path_profile(
             self.model, drop_path_profile, (model_kwargs or {}).get("drop_path_rate")
         )
+        if efficient_drop_path:
+            enable_efficient_drop_path(self.model)
         if head_init_std is not None:
             network.init_classifier(self.model, head_init_std)
         if freeze:
