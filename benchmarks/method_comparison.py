@@ -10,12 +10,12 @@ the same BCE loss (CoSub needs BCE, so all three use it):
 Every network gets the same stochastic depth (``--drop-path``): CoSub needs it, and the other two train with it
 too, so that the comparison is of methods, not of regularisation.
 
-(a) Step cost. One Lightning fit per method per round, the order alternating round by round (A B C, C B A, ...);
-each fit times its steps after ``--warmup`` (``_common.StepClock``) and the ratios to the baseline are paired by
-round. Peak memory is measured as ``memory.py`` does (CUDA peak stats on a GPU; torch's CPU allocator events on the
+(a) Step cost. One network, one Lightning fit per round, whose steps cycle through the three methods in blocks
+(A B C, C B A, ...), as ``step_cost.py`` alternates its two; each step is timed (``_common.StepClock``), the first
+``--warmup`` blocks of a fit are dropped, and each method's time is divided by the baseline step of its block. Peak memory is measured as ``memory.py`` does (CUDA peak stats on a GPU; torch's CPU allocator events on the
 CPU), one fit per method. What to expect from the arithmetic: MaskSub about 1.5x the
 baseline's FLOPs on a ViT (its sub-branch sees half of the tokens), CoSub exactly 2x (2B images forward and
-backward); memory: MaskSub frees its main graph before the sub-branch (about 1x), CoSub holds the activations of
+backward; both are counted and printed next to the time ratios); memory: MaskSub frees its main graph before the sub-branch (about 1x), CoSub holds the activations of
 2B images at once (up to 2x the activation part).
 
 (b) Accuracy. scikit-learn's handwritten digits (the quickstart's data: 1,437 training, 360 validation images,
@@ -44,6 +44,7 @@ import torch
 
 from masksub_lightning import CoSubModule, MaskSubModule
 from masksub_lightning.data import DigitsDataModule
+from masksub_lightning.method.subbranch import build_sub_branch
 
 METHODS = ("baseline", "masksub", "cosub")
 MiB = 2**20
@@ -73,46 +74,108 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def build(method: str, name: str, model_kwargs: dict[str, Any], num_classes: int, seed: int, **options):
+def build(
+    method: str,
+    name: str,
+    model_kwargs: dict[str, Any],
+    num_classes: int,
+    seed: int,
+    cls=CoSubModule,
+    **options,
+):
     """One of the three methods on the same network: same seed, same optimizer, BCE for all."""
     torch.manual_seed(seed)
     common = dict(num_classes=num_classes, model_kwargs=dict(model_kwargs), loss="bce", **options)
     if method == "cosub":
-        return CoSubModule(name, **common)
+        return cls(name, **common)
     return MaskSubModule(name, sub_branch="mask" if method == "masksub" else "none", **common)
 
 
 # ------------------------------------------------------------------------------------------------ (a) step cost
+class AlternatingMethods(CoSubModule):
+    """One network trained by the three methods' steps in turn: ``method`` picks the step a batch gets.
+
+    ``cosub``: CoSubModule's own step; ``masksub`` / ``baseline``: MaskSubModule's step with the ``mask`` / ``none``
+    sub-branch (the code each method's module runs). Timing them in one fit, step next to step, cancels the load
+    swings of a shared machine, which separate fits do not (their medians moved 2-3x within a minute here).
+    """
+
+    method = "baseline"
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if hasattr(self, "branches"):  # a later round's fit
+            return
+        mask = build_sub_branch("mask", 0.5, model=self.model)
+        mask.setup(self.model)  # installs its switch, inactive outside the sub-branch forward
+        self.branches = {"masksub": mask, "baseline": build_sub_branch("none")}
+
+    def training_losses(self, batch):
+        if self.method == "cosub":
+            return super().training_losses(batch)
+        self.sub_branch = self.branches[self.method]
+        return MaskSubModule.training_losses(self, batch)
+
+
+class MethodClock(C.StepClock):
+    """Step clock that gives each batch its method, in blocks A B C, C B A, ... (one step of each per block)."""
+
+    def __init__(self, device) -> None:
+        super().__init__(device, warmup=0, sync_every_step=True)
+        self.methods: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # the previous step ends first
+        block, position = divmod(len(self.methods), len(METHODS))
+        pl_module.method = (METHODS if block % 2 == 0 else METHODS[::-1])[position]
+        self.methods.append(pl_module.method)
+
+
+def time_interleaved(spec, kwargs, args, device, batch) -> dict[str, list[float]]:
+    """Per-step times of each method, one per block (the three steps of a block run seconds apart)."""
+    module = build("cosub", spec.name, kwargs, spec.num_classes, 0, optimizer="adamw", cls=AlternatingMethods)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for _ in range(args.rounds):
+        clock = MethodClock(device)
+        total = (
+            len(METHODS) * (args.warmup + args.steps) + 1
+        )  # +1: the last step ends at the next batch start
+        C.run_lightning(module, batch, device, args.precision, total, clock)
+        for i in range(len(METHODS) * args.warmup, total - 1):
+            times[clock.methods[i]].append(clock.stamps[i + 1] - clock.stamps[i])
+    return times
+
+
 def measure_cost(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     spec = C.resolve_spec(args.model, args.img_size, args.batch_size)
     kwargs = {**spec.model_kwargs, "drop_path_rate": args.drop_path}
-    modules = {m: build(m, spec.name, kwargs, spec.num_classes, 0, optimizer="adamw") for m in METHODS}
     batch = C.make_batch(spec, device)
     print(f"step cost of {spec.label}, batch {spec.batch_size} ...", flush=True)
-    times = C.interleave(
-        {
-            m: (
-                lambda m=m: C.time_lightning(
-                    modules[m], batch, device, args.precision, args.warmup, args.steps
-                )
-            )
-            for m in METHODS
-        },
-        args.rounds,
-    )
+    times = time_interleaved(spec, kwargs, args, device, batch)
+    modules = {m: build(m, spec.name, kwargs, spec.num_classes, 0, optimizer="adamw") for m in METHODS}
     # Memory does not drift with load (memory.py's steps agree to the byte): one fit of two steps per method.
     steps = {
         m: memory.measure_once(modules[m], batch, device, args.precision, args.warmup, 2) for m in METHODS
     }
+    # Model FLOPs of a step (forward + backward): CoSub's is one step of the model on the duplicated batch.
+    images, target = batch
+    doubled = (torch.cat((images, images)), torch.cat((target, target)))
+    flops = {m: C.count_step_flops(modules[m], batch)["total"] for m in ("baseline", "masksub")}
+    flops["cosub"] = C.count_step_flops(modules["cosub"], doubled, max_count_batch=16)["total"]
     peak = {m: max(s["peak"] for s in steps[m]) for m in METHODS}
     start = {m: max(s["start"] for s in steps[m]) for m in METHODS}
-    result: dict[str, Any] = {"model": spec.label, "batch_size": spec.batch_size, "rounds": args.rounds}
+    result: dict[str, Any] = {
+        "model": spec.label,
+        "batch_size": spec.batch_size,
+        "blocks": len(times["baseline"]),
+    }
     for m in METHODS:
         ratio = C.ratio_stats(times[m], times["baseline"])
         result[m] = {
             "step_s": statistics.median(times[m]),
             "time_ratio": ratio["median"],
-            "time_ratio_rounds": ratio["rounds"],
+            "time_ratio_blocks": ratio["rounds"],
+            "flop_ratio": flops[m] / flops["baseline"],
             "peak_mib": peak[m] / MiB,
             "peak_ratio": peak[m] / peak["baseline"],
             # The activation part alone (peak above what the step starts with: weights, grads, optimizer state).
@@ -181,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         cost = payload["cost"] = measure_cost(args, device)
         C.print_table(
             f"(a) {cost['model']}, batch {cost['batch_size']}, drop path {args.drop_path}: vs the baseline "
-            f"(time: median of {cost['rounds']} paired rounds)",
+            f"(time: median of {cost['blocks']} ratios of steps run side by side)",
             [{"method": m, **cost[m]} for m in METHODS],
             [
                 ("method", "method", "s"),
                 ("step_s", "s/step", ".4f"),
                 ("time_ratio", "time ratio", ".3f"),
+                ("flop_ratio", "FLOP ratio", ".3f"),
                 ("peak_mib", "peak MiB", ".1f"),
                 ("peak_ratio", "peak ratio", ".3f"),
                 ("above_start_ratio", "above-start ratio", ".3f"),

@@ -32,12 +32,17 @@ def test_method_comparison_smoke():
     payload = json.loads(run.stdout.strip().splitlines()[-1])
     assert payload["benchmark"] == "method_comparison" and payload["device"].startswith("cpu")
     cost, accuracy = payload["cost"], payload["accuracy"]
-    assert cost["model"] == "tiny-vit" and cost["rounds"] == 1
+    assert cost["model"] == "tiny-vit" and cost["blocks"] == 2  # --smoke: one fit, 2 measured blocks
     assert cost["baseline"]["time_ratio"] == 1.0 and cost["baseline"]["peak_ratio"] == 1.0
     for method in METHODS:
         row = cost[method]
         assert row["step_s"] > 0 and math.isfinite(row["time_ratio"]) and row["time_ratio"] > 0
-        assert len(row["time_ratio_rounds"]) == 1
+        assert len(row["time_ratio_blocks"]) == 2
+    # FLOPs are exact: CoSub runs the model on twice the images, MaskSub's sub-branch on half of the tokens.
+    assert cost["baseline"]["flop_ratio"] == 1.0 and math.isclose(
+        cost["cosub"]["flop_ratio"], 2.0, rel_tol=1e-6
+    )
+    assert 1.3 < cost["masksub"]["flop_ratio"] < 1.7
     # MaskSub frees its main graph before the sub-branch; CoSub runs 2B images in one graph.
     assert abs(cost["masksub"]["peak_ratio"] - 1) < 0.05
     assert 1.5 < cost["cosub"]["peak_ratio"] < 2.5 and cost["cosub"]["above_start_ratio"] > 1.5
