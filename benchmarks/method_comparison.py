@@ -23,7 +23,7 @@ upsampled to 32 px, no augmentation), the quickstart's ViT (4 blocks, width 96, 
 2e-3, cosine with 2 warmup epochs, ``--digits-epochs`` epochs for each method and seed; val top-1 after the last
 epoch, mean +- std over ``--seeds``. Same seed: same initial weights and the same training order for the three.
 
-    python benchmarks/method_comparison.py                # CPU: vit-s-d4 cost, then digits 3 seeds x 10 epochs
+    python benchmarks/method_comparison.py                # CPU: vit-s-d4 cost, then digits 3 seeds x 15 epochs
     python benchmarks/method_comparison.py --smoke        # tiny sizes, seconds: checks the script runs
     python benchmarks/method_comparison.py --device cuda --model vit_base_patch16_224 --batch-size 128 \\
         --precision bf16-mixed --skip-accuracy            # the step-cost part on a GPU
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--drop-path", type=float, default=0.1, help="drop_path_rate of every network")
     parser.add_argument("--seeds", type=int, default=3, help="digits runs per method (seeds 0..N-1)")
-    parser.add_argument("--digits-epochs", type=int, default=10, help="epochs per digits run")
+    parser.add_argument("--digits-epochs", type=int, default=15, help="epochs per digits run")
     parser.add_argument("--skip-accuracy", action="store_true", help="only (a), the step cost and memory")
     parser.add_argument("--skip-cost", action="store_true", help="only (b), the digits accuracy")
     C.add_common_args(parser, rounds=2, warmup=2, steps=4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from masksub_lightning import CoSubModule
+from masksub_lightning.commands import main
+from masksub_lightning.commands.cli import build_cli
 from masksub_lightning.data import DigitsDataModule
 from masksub_lightning.training.guards import NonFiniteLossError
 
@@ -213,3 +216,40 @@ def test_has_no_sub_branch_to_switch():
         TypeError, match="CoSubModule has no sub-branch: its two submodels come from drop path"
     ):
         cosub_module().set_sub_branch("mask")
+
+
+# ------------------------------------------------------------------------------------------------------ the CLI
+DIGITS_COSUB = """
+trainer: {max_epochs: 1, limit_train_batches: 2, limit_val_batches: 1, logger: false, enable_progress_bar: false,
+          enable_model_summary: false, accelerator: cpu}
+model:
+  class_path: CoSubModule
+  init_args:
+    model: vit_tiny_patch16_224
+    model_kwargs: {img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, drop_path_rate: RATE}
+data:
+  class_path: masksub_lightning.data.DigitsDataModule
+  init_args: {batch_size: 8, img_size: 32, train_augment: false, persistent_workers: false}
+"""
+
+
+def test_masksub_fit_trains_a_cosub_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["masksub"])  # else Lightning warns that pytest's argv is ignored
+    (tmp_path / "cosub.yaml").write_text(DIGITS_COSUB.replace("RATE", "0.1"))
+    cli = build_cli(
+        ["fit", "--config", str(tmp_path / "cosub.yaml"), f"--trainer.default_root_dir={tmp_path}"]
+    )
+    assert type(cli.model) is CoSubModule and cli.trainer.global_step == 2
+    metrics = cli.trainer.callback_metrics
+    assert {"train_loss_label_step", "train_loss_cotrain_step", "val_acc1"} <= set(metrics)
+
+
+def test_masksub_fit_refuses_a_cosub_model_without_drop_path_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["masksub"])
+    (tmp_path / "cosub.yaml").write_text(DIGITS_COSUB.replace("RATE", "0.0"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(tmp_path / "cosub.yaml"), f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("masksub: error: CoSub needs drop path: model_kwargs.drop_path_rate must be > 0")
+    assert err.count("\n") == 1
