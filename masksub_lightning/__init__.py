@@ -3,6 +3,7 @@
 Public API::
 
     from masksub_lightning import MaskSubModule, SubBranch, register_sub_branch, build_sub_branch, MaskSubLoss
+    from masksub_lightning import CoSubModule                               # CoSub, the peer method
     from masksub_lightning import MAEModule, LUTModule, export_encoder     # MAE / LUT pre-training
 
 The names are imported on first use (``__getattr__`` below): importing the package, or running ``masksub
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "MaskSubLoss": "masksub_lightning.method.losses",
     "MaskSubModule": "masksub_lightning.modules.masksub",
+    "CoSubModule": "masksub_lightning.modules.cosub",
     "TrainingModule": "masksub_lightning.modules.base",
     "SUB_BRANCHES": "masksub_lightning.method.subbranch",
     "SubBranch": "masksub_lightning.method.subbranch",
@@ -47,6 +49,7 @@ __all__ = [
     "AlwaysLastCheckpoint",
     "AtomicCheckpointIO",
     "BranchGradients",
+    "CoSubModule",
     "FSDP2Strategy",
     "LUTModule",
     "MAEModule",
@@ -84,6 +87,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
         register_sub_branch,
     )
     from masksub_lightning.modules.base import TrainingModule
+    from masksub_lightning.modules.cosub import CoSubModule
     from masksub_lightning.modules.masksub import MaskSubModule
     from masksub_lightning.modules.pretraining import LUTModule, MAEModule, export_encoder
     from masksub_lightning.training.checkpoint_io import AtomicCheckpointIO

@@ -96,6 +96,12 @@ HEADLINE = {
     "beitv2/vit_base": (85.5, 85.6),
 }
 
+# CoSub, the peer method: docs/method.md's cost line (CoSub 800 ep 84.2 vs DeiT-III 800 ep 83.8), by recipe.
+COSUB = {"deit3/vit_base_800ep_cosub": (83.8, 84.2)}
+# The CoSub recipe's settings are those of this DeiT-III row (docs/recipes.md "CoSub"); deit's --cosub changes
+# only the step.
+COSUB_ROW = {"deit3/vit_base_800ep_cosub": ("vit_base", 800)}
+
 # "DeiT-III from scratch": (model, epochs) -> timm model, input, lr, wd, drop-path, GPUs, per-GPU batch.
 DEIT3 = {
     ("vit_small", 400): ("deit3_small_patch16_224", 224, 4e-3, 0.03, 0.0, 8, 256),
@@ -304,11 +310,16 @@ def test_composition_overrides_single_keys_and_keeps_the_rest(parser, tmp_path):
 def test_recipe_parses_and_matches_its_header(parser, recipe):
     cfg = resolve(parser, recipe.path)
     model, data, trainer = init(cfg, "model"), init(cfg, "data"), cfg["trainer"]
-    assert cfg["model"]["class_path"] == "masksub_lightning.MaskSubModule"
+    module = "CoSubModule" if recipe.arm == "cosub" else "MaskSubModule"
+    assert cfg["model"]["class_path"] == f"masksub_lightning.{module}"
     assert cfg["data"]["class_path"].startswith("masksub_lightning.data.")
     assert trainer["max_epochs"] == recipe.epochs
-    assert model["sub_branch"] == recipe.sub_branch
-    assert model["sub_ratio"] == 0.5
+    if recipe.arm == "cosub":  # CoSubModule has no sub-branch options: its submodels come from drop path
+        assert not {"sub_branch", "sub_ratio"} & set(model)
+        assert model["model_kwargs"]["drop_path_rate"] > 0
+    else:
+        assert model["sub_branch"] == recipe.sub_branch
+        assert model["sub_ratio"] == 0.5
     assert global_batch(cfg) == recipe.global_batch, (
         "batch_size x devices x num_nodes != the recipe's global batch"
     )
@@ -321,9 +332,13 @@ def test_recipe_parses_and_matches_its_header(parser, recipe):
     )
 
     twin = BY_PATH[recipe.twin]
-    assert twin.twin == recipe.path and {twin.arm, recipe.arm} == {"masksub", "baseline"}
+    if recipe.arm == "cosub":  # the baseline's own twin is the MaskSub run of the same row
+        assert twin.arm == "baseline" and BY_PATH[twin.twin].arm == "masksub"
+    else:
+        assert twin.twin == recipe.path and {twin.arm, recipe.arm} == {"masksub", "baseline"}
     for field in ("model", "epochs", "global_batch", "top1"):
-        assert getattr(twin, field) == getattr(recipe, field), field
+        if field != "top1" or recipe.arm != "cosub":
+            assert getattr(twin, field) == getattr(recipe, field), field
     if recipe.result_after:  # stage 1 of a two-stage row: the later stage holds the number
         later = BY_PATH[recipe.result_after]
         assert recipe.top1 is None and later.pretrained_from == recipe.path and later.arm == recipe.arm
@@ -350,13 +365,35 @@ def test_twins_differ_only_in_the_sub_branch(parser, recipe):
     assert strip(masksub) == strip(baseline)
 
 
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.arm == "cosub"], ids=recipe_id)
+def test_a_cosub_recipe_differs_from_its_baseline_only_in_the_module(parser, recipe):
+    cosub, baseline = resolve(parser, recipe.path), resolve(parser, recipe.twin)
+
+    def strip(cfg, *keys):
+        cfg = json.loads(json.dumps(cfg, default=str))
+        cfg.pop("config", None)
+        cfg["model"].pop("class_path")
+        for key in keys:
+            init(cfg, "model").pop(key)
+        cfg["trainer"]["logger"]["init_args"].pop("name")
+        return cfg
+
+    assert cosub["model"]["class_path"] == "masksub_lightning.CoSubModule"
+    assert baseline["model"]["class_path"] == "masksub_lightning.MaskSubModule"
+    assert strip(cosub) == strip(baseline, "sub_branch", "sub_ratio", "sub_branch_kwargs")
+
+
 def test_paper_numbers_are_those_of_method_md():
     with_numbers = {
         recipe_id(r).removesuffix("_baseline")
         for r in RECIPES
-        if r.top1 is not None and not r.path.startswith(LUT_PAPER_FOLDERS)
+        if r.top1 is not None and not r.path.startswith(LUT_PAPER_FOLDERS) and r.arm != "cosub"
     }
     assert with_numbers == set(HEADLINE)
+    assert {recipe_id(r) for r in RECIPES if r.arm == "cosub"} == set(COSUB)
+    for rid, (baseline, cosub) in COSUB.items():
+        assert BY_PATH[f"{rid}.yaml"].top1 == {"cosub": cosub, "baseline": baseline}
+        assert BY_PATH[f"{rid}.yaml"].target_top1 == cosub
     for rid, (baseline, masksub) in HEADLINE.items():
         for path in (f"{rid}.yaml", f"{rid}_baseline.yaml"):
             assert BY_PATH[path].top1 == {"masksub": masksub, "baseline": baseline}, path
@@ -396,6 +433,22 @@ def test_deit3_recipes_follow_method_md(parser, row):
         assert ft_model["model_kwargs"]["img_size"] == 224
         assert_subset(ft_data, DEIT3_FT_DATA, ft_path)
         assert ft["trainer"]["max_epochs"] == 20 and global_batch(ft) == 512
+
+
+@pytest.mark.parametrize("rid", sorted(COSUB_ROW))
+def test_cosub_recipe_has_its_deit3_rows_settings(parser, rid):
+    timm_name, size, lr, wd, drop_path, gpus, per_gpu = DEIT3[COSUB_ROW[rid]]
+    path = f"{rid}.yaml"
+    cfg = resolve(parser, path)
+    model, data, trainer = init(cfg, "model"), init(cfg, "data"), cfg["trainer"]
+    assert_subset(model, {**DEIT3_MODEL, "model": timm_name, "lr": lr, "weight_decay": wd}, path)
+    assert_subset(
+        model["model_kwargs"], {"img_size": size, "drop_path_rate": drop_path, "init_values": 1e-4}, path
+    )
+    assert model["drop_path_profile"] == "constant"
+    assert_subset(data, {**DEIT3_DATA, "img_size": size, "batch_size": per_gpu}, path)
+    assert trainer["max_epochs"] == COSUB_ROW[rid][1] and trainer["devices"] * trainer["num_nodes"] == gpus
+    assert global_batch(cfg) == 2048 and not trainer.get("callbacks")
 
 
 @pytest.mark.parametrize("key", sorted(MAE))
@@ -608,9 +661,12 @@ def test_recipe_trains_two_steps_on_cpu(parser, fake, recipe, tmp_path, capsys):
     assert trainer.global_step == 2
     # The recipe's own hyperparameters reached the module, the optimizer, the loss and the data pipeline.
     hp = module_.hparams
+    assert type(module_).__name__ == ("CoSubModule" if recipe.arm == "cosub" else "MaskSubModule")
+    sub_branch_keys = ("sub_branch", "sub_ratio", "sub_branch_kwargs")
+    if recipe.arm == "cosub":  # neither in the config nor in the module's options
+        assert not set(sub_branch_keys) & (set(hp) | set(model_cfg))
     for key in (
-        "sub_branch",
-        "sub_ratio",
+        *(sub_branch_keys if recipe.arm != "cosub" else ()),
         "loss",
         "label_smoothing",
         "bce_target_threshold",
@@ -625,7 +681,6 @@ def test_recipe_trains_two_steps_on_cpu(parser, fake, recipe, tmp_path, capsys):
         "warmup_lr",
         "min_lr",
         "grad_clip_norm",
-        "sub_branch_kwargs",
     ):
         assert hp[key] == model_cfg[key], key
     for key in ("drop_path_rate", "init_values", "global_pool", "drop_rate"):
@@ -639,6 +694,7 @@ def test_recipe_trains_two_steps_on_cpu(parser, fake, recipe, tmp_path, capsys):
         "mask": token_kind if is_vit or is_beit else "PixelMaskSubBranch",
         "mask_token": "MaskTokenSubBranch",
         "none": "NoSubBranch",
+        "cosub": "NoSubBranch",  # CoSub's second pass is the same forward, not a sub-branch
     }[recipe.sub_branch]
     assert type(module_.sub_branch).__name__ == sub_kind
     optimizer = module_.optimizers().optimizer
@@ -657,6 +713,7 @@ def test_recipe_trains_two_steps_on_cpu(parser, fake, recipe, tmp_path, capsys):
     # Both branches ran (the baseline only the main one), and validation saw the main branch.
     metrics = trainer.callback_metrics
     assert ("train_loss_sub_step" in metrics) == (recipe.arm == "masksub")
+    assert ("train_loss_cotrain_step" in metrics) == (recipe.arm == "cosub")
     assert torch.isfinite(metrics["train_loss_step"]) and "val_acc1" in metrics
     ema = [cb for cb in trainer.callbacks if isinstance(cb, EMAWeightAveraging)]
     recipe_ema = [
@@ -756,6 +813,13 @@ def test_headers_are_checked(tmp_path):
     bad = tmp_path / "a" / "bad.yaml"
     bad.write_text(good.replace("#   top1: {masksub: 81.4, baseline: 81.3}", "#   top1: {masksub: 81.4}"))
     with pytest.raises(RecipeHeaderError, match=r"a/bad\.yaml: top1 must be null or"):
+        load_recipe(bad, tmp_path)
+    bad.write_text(
+        good.replace("#   sub_branch: mask_token", "#   sub_branch: cosub")
+    )  # a CoSub arm's number
+    with pytest.raises(
+        RecipeHeaderError, match=r"top1 must be null or \{cosub: <top-1>, baseline: <top-1>\}"
+    ):
         load_recipe(bad, tmp_path)
     bad.write_text(good.replace("#   epochs: 300\n", ""))
     with pytest.raises(RecipeHeaderError, match=r"a/bad\.yaml: header lacks epochs"):

@@ -66,6 +66,9 @@ DEFAULT = {
     "transfer": "transfer/cifar10.yaml",  # CIFAR-10 pickles, SGD, a mid-epoch resume (5 steps per epoch)
 }
 
+# Recipes of a module no family default trains: in the default suite too.
+DEFAULT_EXTRA = {"deit3/vit_base_800ep_cosub.yaml"}  # CoSubModule (one forward of the duplicated batch)
+
 SAVE_AT = 2  # optimizer steps of the first run; ResumeCheckpoint writes resume.ckpt every SAVE_AT steps
 TOTAL = 5  # global_step at which the resumed run stops: it trains steps 2, 3, 4
 # ImageNet-layout folder: STEPS_PER_EPOCH optimizer steps per epoch (the batch is chosen to fit the recipe's
@@ -102,7 +105,7 @@ def family(recipe: Recipe) -> str:
 def params() -> list:
     return [
         pytest.param(r, id=r.path.removesuffix(".yaml"))
-        if DEFAULT.get(family(r)) == r.path
+        if DEFAULT.get(family(r)) == r.path or r.path in DEFAULT_EXTRA
         else pytest.param(r, id=r.path.removesuffix(".yaml"), marks=pytest.mark.slow)
         for r in RECIPES
     ]
@@ -271,7 +274,7 @@ def test_every_listed_recipe_is_covered_and_each_family_has_one_in_the_default_s
     assert listed == {r.path for r in RECIPES} and len(listed) >= 60
     # A new family folder needs a default-suite recipe here (else it would run only with -m slow).
     assert set(DEFAULT) == {family(r) for r in RECIPES}
-    assert set(DEFAULT.values()) <= listed
+    assert set(DEFAULT.values()) | DEFAULT_EXTRA <= listed
 
 
 @pytest.mark.parametrize("recipe", params())

@@ -51,7 +51,7 @@ from masksub_lightning.commands.errors import (
 )
 from masksub_lightning.commands.recipes import resolve_config_args
 from masksub_lightning.data import ImageClassificationDataModule
-from masksub_lightning.modules import masksub, pretraining  # noqa: F401 (short class names resolve among these)
+from masksub_lightning.modules import cosub, masksub, pretraining  # noqa: F401 (short class names resolve among these)
 from masksub_lightning.training import sharding  # noqa: F401 (registers --trainer.strategy fsdp2)
 from masksub_lightning.training.checkpoint_io import (
     AtomicCheckpointIO,

@@ -11,9 +11,11 @@ module reads (tests/test_recipes.py checks it against the resolved config, so it
     #   title: DeiT-III ViT-B/16, 400 ep + 20-ep fine-tune at 224 px + MaskSub
     #   model: ViT-B/16                          display name
     #   epochs: 20                               == trainer.max_epochs
-    #   sub_branch: mask                         == model.init_args.sub_branch ("none": the baseline arm)
+    #   sub_branch: mask                         == model.init_args.sub_branch ("none": the baseline arm;
+    #                                               "cosub": the CoSub arm, class_path CoSubModule)
     #   global_batch: 512                        == batch_size x devices x num_nodes x grad_accumulation
-    #   top1: {masksub: 84.1, baseline: 83.5}    the paper's ImageNet top-1 of both arms (one may be null), or null
+    #   top1: {masksub: 84.1, baseline: 83.5}    the paper's ImageNet top-1 of both arms (one may be null), or null;
+    #                                               a CoSub recipe's: {cosub: ..., baseline: ...}
     #   paper: docs/method.md headline results, ...   where top1 comes from (or why there is none)
     #   source: docs/method.md "DeiT-III fine-tune at 224" ...   where the hyperparameters come from
     #   twin: deit3/vit_base_400ep_ft224_baseline.yaml      the other arm (same run, other sub-branch)
@@ -49,7 +51,6 @@ __all__ = [
 HEADER_START = "# recipe:"
 _REQUIRED = ("title", "model", "epochs", "sub_branch", "global_batch", "top1", "paper", "source", "twin")
 _OPTIONAL = ("pretrained_from", "result_after")
-_ARMS = ("masksub", "baseline")
 
 
 class RecipeHeaderError(ValueError):
@@ -75,8 +76,8 @@ class Recipe:
 
     @property
     def arm(self) -> str:
-        """``"baseline"`` for the run without a sub-branch, else ``"masksub"``."""
-        return "baseline" if self.sub_branch == "none" else "masksub"
+        """``"baseline"`` for the run without a sub-branch, ``"cosub"`` for CoSub, else ``"masksub"``."""
+        return arm_of(self.sub_branch)
 
     @property
     def target_top1(self) -> float | None:
@@ -95,6 +96,13 @@ class Recipe:
         if self.top1 is None:
             return "no paper number in docs/method.md"
         return ""
+
+
+def arm_of(sub_branch: str) -> str:
+    """The arm a recipe with this ``sub_branch`` header trains: ``baseline`` (none), ``cosub`` or ``masksub``."""
+    if sub_branch == "none":
+        return "baseline"
+    return "cosub" if sub_branch == "cosub" else "masksub"
 
 
 def read_header(path: str | Path) -> dict[str, Any] | None:
@@ -153,16 +161,20 @@ def load_recipe(path: str | Path, configs_dir: str | Path) -> Recipe:
             raise fail(f"{key} must be a positive integer, got {value!r}")
     top1 = header["top1"]
     if top1 is not None:
-        if not isinstance(top1, dict) or set(top1) != set(_ARMS):
-            raise fail(f"top1 must be null or {{masksub: <top-1>, baseline: <top-1>}}, got {top1!r}")
+        method = (
+            "cosub" if header["sub_branch"] == "cosub" else "masksub"
+        )  # the baseline's row names MaskSub's
+        arms = (method, "baseline")
+        if not isinstance(top1, dict) or set(top1) != set(arms):
+            raise fail(f"top1 must be null or {{{method}: <top-1>, baseline: <top-1>}}, got {top1!r}")
         for arm, value in top1.items():
             if value is None:  # the paper reports only the other arm (e.g. LUT's fine-tune, without MaskSub)
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
                 raise fail(f"top1.{arm} must be a top-1 accuracy in percent, got {value!r}")
-        if all(top1[arm] is None for arm in _ARMS):
+        if all(top1[arm] is None for arm in arms):
             raise fail("top1 with no number: write top1: null")
-        top1 = {arm: None if top1[arm] is None else float(top1[arm]) for arm in _ARMS}
+        top1 = {arm: None if top1[arm] is None else float(top1[arm]) for arm in arms}
     for key in _OPTIONAL:
         if header.get(key) is not None and not isinstance(header[key], str):
             raise fail(f"{key} must be a path under configs/ or null, got {header[key]!r}")
@@ -277,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="masksub recipes",
         description="List the training recipes (configs/**/*.yaml with a '# recipe:' header) and the paper's "
-        "ImageNet-1k top-1 each targets: 'target' is the paper's number for the recipe's arm (MaskSub or "
+        "ImageNet-1k top-1 each targets: 'target' is the paper's number for the recipe's arm (MaskSub, CoSub or "
         "baseline), 'baseline' the paper's baseline of the same row.",
     )
     parser.add_argument(
