@@ -2,7 +2,9 @@
 
 * Optimizers by timm name (``adamw``, ``lamb``, ``sgd``, ... see ``timm.optim.list_optimizers()``), with weight decay
   excluded for norms, biases and every 1-D parameter plus the model's ``no_weight_decay()`` set (position embeddings,
-  class / register tokens), and optional layer-wise LR decay (timm's ``layer_decay``).
+  class / register tokens), and optional layer-wise LR decay (timm's ``layer_decay``). LARS (``lars``, ``larc``,
+  ``nlars``, ``nlarc``) scales the steps of the weight matrices by the trust ratio, with or without weight decay,
+  and steps biases and norm parameters as plain momentum SGD (the LARS of MoCo v3 and MAE's linear probe).
 * Per-step schedules (warmup then cosine, ...) from ``timm.scheduler.create_scheduler_v2``, counted in optimizer
   steps so warmup and decay do not depend on epoch boundaries.
 """
@@ -16,6 +18,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 from torch.optim import Optimizer
+
+#: timm's LARS variants (one class, ``timm.optim.Lars``).
+LARS_NAMES = ("lars", "larc", "nlars", "nlarc")
 
 #: Schedules that decay per step; "constant" is warmup then a flat LR (layer-decay scales still applied).
 SCHEDULERS = ("cosine", "constant", "poly", "tanh", "wsd")
@@ -53,7 +58,7 @@ def build_optimizer(
         **kwargs: passed to the optimizer (betas, eps, momentum, fused, ...).
     """
     check_optimizer_name(name)
-    return timm.optim.create_optimizer_v2(
+    optimizer = timm.optim.create_optimizer_v2(
         model,
         opt=name,
         lr=lr,
@@ -62,6 +67,31 @@ def build_optimizer(
         filter_bias_and_bn=True,
         **kwargs,
     )
+    if name.lower() in LARS_NAMES and "always_adapt" not in kwargs:
+        split_lars_groups(optimizer)
+    return optimizer
+
+
+def split_lars_groups(optimizer: Optimizer) -> None:
+    """Give a fresh timm ``Lars`` MAE's (MoCo v3's) rule: trust-ratio steps for every > 1-D parameter, none else.
+
+    timm's Lars applies the trust ratio only in groups whose weight_decay != 0 (or with ``always_adapt``), so
+    with the linear probe's weight decay of 0 it would be plain momentum SGD; and with weight decay 0 timm puts
+    weights and biases in one group. Each group is split in two, settings kept: its > 1-D parameters with
+    ``always_adapt=True``, the rest (biases, norms) with ``always_adapt=False``.
+    """
+    if optimizer.state:
+        raise ValueError("split_lars_groups needs an optimizer that has not stepped yet")
+    groups = []
+    for group in optimizer.param_groups:
+        matrices = [p for p in group["params"] if p.ndim > 1]
+        others = [p for p in group["params"] if p.ndim <= 1]
+        groups += [
+            {**group, "params": params, "always_adapt": adapt}
+            for params, adapt in ((matrices, True), (others, False))
+            if params
+        ]
+    optimizer.param_groups = groups
 
 
 def build_scheduler(
