@@ -226,3 +226,51 @@ def test_no_data_module_and_no_encoder_and_a_too_small_bank_are_one_line(tmp_pat
     monitor = KNNMonitor(labelled(), k=20, max_train_samples=10)
     with pytest.raises(ValueError, match=r"^KNNMonitor: k=20 is more than the 10 memory-bank samples"):
         monitor.setup(trainer(1, [], tmp_path), tiny_mae(), "fit")
+
+
+# --------------------------------------------------------------------------------------------- two processes
+class SaveMonitorResult(L.Callback):
+    """After the monitor (listed before this one): rank 0 writes its k-NN top-1 and the weights it measured."""
+
+    def __init__(self, monitor: KNNMonitor, path) -> None:
+        self.monitor, self.path = monitor, path
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            torch.save({"top1": self.monitor.history[-1][1], "state": pl_module.state_dict()}, self.path)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_value(tmp_path):
+    """ddp_spawn on gloo, 2 ranks, 31 bank samples and 13 queries (uneven shares, so padding is dropped): the
+    value every rank computes from the gathered features equals one process's on the same weights."""
+    data = labelled()
+    options = dict(k=5, max_train_samples=31, max_val_samples=13, batch_size=4)
+    monitor = KNNMonitor(data, **options)
+    out = tmp_path / "rank0.pt"
+    fit = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[monitor, SaveMonitorResult(monitor, out)],
+    )
+    fit.fit(tiny_mae(), datamodule=PretrainDigitsDataModule(img_size=16, batch_size=8, views="mae"))
+    saved = torch.load(out, weights_only=True)
+    module = tiny_mae()
+    module.load_state_dict(saved["state"])
+    single = trainer(1, [], tmp_path)
+    single.strategy.connect(module)
+    alone = KNNMonitor(data, **options)
+    alone.setup(single, module, "fit")
+    assert saved["top1"] == alone.evaluate(single, module)
+    assert saved["top1"] * 13 == pytest.approx(
+        round(saved["top1"] * 13), abs=1e-5
+    )  # a share of the 13 queries
