@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+from unittest import mock
 
 import lightning as L
 import pytest
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from masksub_lightning.callbacks.knn import KNNMonitor, interleave_ranks, knn_predict
+from masksub_lightning.commands.cli import build_cli
 from masksub_lightning.data import DigitsDataModule, PretrainDigitsDataModule
 from masksub_lightning.modules.pretraining import MAEModule
 
@@ -274,3 +278,48 @@ def test_two_ranks_give_the_single_process_value(tmp_path):
     assert saved["top1"] * 13 == pytest.approx(
         round(saved["top1"] * 13), abs=1e-5
     )  # a share of the 13 queries
+
+
+def test_the_monitor_from_the_command_line(tmp_path):
+    """`masksub fit` builds the monitor and its labelled DataModule from a class_path (as a YAML recipe would)."""
+    monitor = {
+        "class_path": "masksub_lightning.callbacks.KNNMonitor",
+        "init_args": {
+            "data": {"class_path": "masksub_lightning.data.DigitsDataModule", "init_args": {"img_size": 16}},
+            "k": 3,
+            "max_train_samples": 30,
+            "max_val_samples": 10,
+        },
+    }
+    args = [
+        "fit",
+        "--model=masksub_lightning.MAEModule",
+        "--model.init_args.model=vit_small_patch16_224",
+        f"--model.init_args.model_kwargs={json.dumps(TINY_VIT)}",
+        "--model.init_args.decoder_dim=16",
+        "--model.init_args.decoder_depth=1",
+        "--model.init_args.decoder_num_heads=2",
+        "--model.init_args.warmup_epochs=0",
+        "--model.init_args.export_on_fit_end=false",
+        "--data=masksub_lightning.data.PretrainDigitsDataModule",
+        "--data.init_args.img_size=16",
+        "--data.init_args.views=mae",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--checkpoint.monitor=knn_top1",  # the best checkpoint by k-NN top-1
+        "--checkpoint.mode=max",
+        "--trainer.callbacks+=" + json.dumps(monitor),
+    ]
+    with mock.patch.object(sys, "argv", ["masksub"]):
+        cli = build_cli(args)
+    built = next(c for c in cli.trainer.callbacks if isinstance(c, KNNMonitor))
+    assert isinstance(built.data, DigitsDataModule) and built.data.img_size == 16 and built.k == 3
+    assert [epoch for epoch, _ in built.history] == [0]
+    assert float(cli.trainer.callback_metrics["knn_top1"]) == pytest.approx(built.history[0][1], abs=1e-6)
+    best = cli.trainer.checkpoint_callback.best_model_score
+    assert best is not None and float(best) == pytest.approx(built.history[0][1], abs=1e-6)
