@@ -5,7 +5,8 @@ model: the small ViT of lut_digits_pipeline.py (patch 4 -> 64 tokens, width 64, 
 
 1. pre-training (``MAEModule`` on ``views="mae"``, ``LUTModule`` on ``views="lut"``; labels unused), with the
    ``KNNMonitor`` callback on the labelled digits (bank: the train split, queries: the val split, both at the
-   eval transform; k=20, T=0.07, class-token features) after the last epoch;
+   eval transform; k=20, T=0.07, class-token features, or with --pool avg the mean patch token) after the last
+   epoch;
 2. the encoder exported at fit end (``encoder.pth``, released-MAE layout);
 3. a linear probe (``MaskSubModule(linear_probe=True)``: BatchNorm1d(affine=False) + linear head on the frozen
    encoder's class token, LARS, weight decay 0, cosine with warmup) from that file; its validation top-1.
@@ -83,6 +84,7 @@ def knn_monitor(seed: int, args) -> KNNMonitor:
     labelled = DigitsDataModule(batch_size=64, img_size=args.vit["img_size"], seed=seed)
     return KNNMonitor(
         labelled,
+        pool=args.pool,
         every_n_epochs=args.pretrain_epochs,
         k=args.k,
         max_train_samples=args.max_train_samples,
@@ -95,7 +97,9 @@ def linear_probe(root: Path, seed: int, encoder: Path, args) -> float:
     module = MaskSubModule(
         model="vit_small_patch16_224",
         num_classes=10,
-        model_kwargs=args.vit,
+        # token: the class token after the final norm (MAE's probe); avg: timm's mean patch token + a fresh
+        # fc_norm (MAE's --global_pool probe; the loader drops the encoder's norm, as for fine-tuning)
+        model_kwargs={**args.vit, "global_pool": args.pool},
         linear_probe=True,
         sub_branch="none",
         pretrained_weights=str(encoder),
@@ -132,6 +136,12 @@ def main() -> None:
     # step changes a weight matrix by about lr x 0.001 of its norm): 400 x 64 / 256 = 100 (chosen on a random
     # encoder: 0.1 -> 5%, 10 -> 48%, 100 -> 65%, 400 -> 82% val top-1, 1600 -> 82%).
     parser.add_argument("--probe-lr", type=float, default=400.0, help="LARS base lr (x batch 64 / 256)")
+    parser.add_argument(
+        "--pool",
+        choices=["token", "avg"],
+        default="token",
+        help="features: the class token (MAE's probe) or the mean patch token (what LUT's context loss trains)",
+    )
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--max-train-samples", type=int, default=10000)
     parser.add_argument("--max-val-samples", type=int, default=2000)
