@@ -18,7 +18,7 @@ from masksub_lightning import CoSubModule, MaskSubModule
 from masksub_lightning.commands import main
 from masksub_lightning.commands.cli import build_cli
 from masksub_lightning.data import DigitsDataModule
-from masksub_lightning.modules.cosub import _SUB_BRANCH_OPTIONS
+from masksub_lightning.modules.cosub import _NOT_COSUB_OPTIONS
 from masksub_lightning.training.guards import NonFiniteLossError
 
 
@@ -257,10 +257,10 @@ def test_masksub_fit_refuses_a_cosub_model_without_drop_path_in_one_line(tmp_pat
     assert err.count("\n") == 1
 
 
-def test_takes_every_masksub_option_but_the_sub_branch_ones():
+def test_takes_every_masksub_option_but_the_sub_branch_and_probe_ones():
     """A recipe block shared with MaskSub (configs/_base/deit3.yaml) must parse for CoSub too: no option may drift."""
     masksub = inspect.signature(MaskSubModule.__init__).parameters
     cosub = inspect.signature(CoSubModule.__init__).parameters
-    expected = {k: v.default for k, v in masksub.items() if k not in _SUB_BRANCH_OPTIONS}
+    expected = {k: v.default for k, v in masksub.items() if k not in _NOT_COSUB_OPTIONS}
     expected["loss"] = "bce"  # CoSub's one different default
     assert {k: v.default for k, v in cosub.items()} == expected

@@ -38,6 +38,7 @@ from masksub_lightning.commands.recipes import (
     read_header,
 )
 from masksub_lightning.commands.recipes import main as recipes_main
+from masksub_lightning.modules.cosub import _NOT_COSUB_OPTIONS
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from fake_data import (
@@ -65,10 +66,16 @@ def is_pretraining(recipe: Recipe) -> bool:
     return recipe.path.startswith("pretrain/")
 
 
+def is_linear_probe(recipe: Recipe) -> bool:
+    """Linear probes of a pre-trained encoder: no MaskSub arm; the twin probes the other pre-training's encoder."""
+    return recipe.path.startswith("linprobe/")
+
+
 # Classification recipes (MaskSubModule): the ones the tests below parse and train.
 CLASSIFICATION = [r for r in RECIPES if not is_pretraining(r)]
-# Folders whose paper numbers are the LUT paper's (tests/test_pretraining_recipes.py), not docs/method.md's table.
-LUT_PAPER_FOLDERS = ("lut/", "pretrain/")
+# Folders whose paper numbers are the LUT paper's (tests/test_pretraining_recipes.py; linprobe/: LINPROBE below),
+# not docs/method.md's table.
+LUT_PAPER_FOLDERS = ("lut/", "pretrain/", "linprobe/")
 
 
 # ------------------------------------------------------------------------------------------- docs/method.md tables
@@ -160,6 +167,42 @@ MAE_MODEL = dict(
     scheduler="cosine",
 )
 MAE_DATA = dict(reprob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, repeated_aug=1)
+# Linear probing (docs/recipes.md; facebookresearch/mae main_linprobe.py and its FINETUNE guide): recipe -> the LUT
+# paper's 400-epoch ViT-B linear-probe top-1 of that pre-training (docs/method.md).
+LINPROBE = {"linprobe/mae_vit_base_400ep.yaml": 61.5, "linprobe/lut_vit_base_400ep.yaml": 67.9}
+LINPROBE_MODEL = dict(
+    model="vit_base_patch16_224",
+    linear_probe=True,
+    head_init_std=0.01,
+    sub_branch="none",
+    loss="ce",
+    label_smoothing=0.0,
+    optimizer="lars",
+    lr=0.1,
+    lr_base_batch_size=256,
+    weight_decay=0.0,
+    layer_decay=None,
+    scheduler="cosine",
+    warmup_epochs=10,
+    warmup_lr=0.0,
+    min_lr=0.0,
+    optimizer_kwargs=None,  # timm's LARS defaults: momentum 0.9, trust coefficient 0.001
+)
+LINPROBE_DATA = dict(
+    train_crop="rrc",
+    scale=(0.08, 1.0),
+    hflip=0.5,
+    auto_augment=None,
+    color_jitter=None,
+    reprob=0.0,
+    mixup_alpha=0.0,
+    cutmix_alpha=0.0,
+    label_smoothing=0.0,
+    repeated_aug=1,
+    img_size=224,
+    eval_crop_pct=0.875,
+    interpolation="bicubic",
+)
 # "ResNet RSB" and "Swin".
 RSB_MODEL = dict(
     optimizer="lamb",
@@ -334,11 +377,17 @@ def test_recipe_parses_and_matches_its_header(parser, recipe):
     twin = BY_PATH[recipe.twin]
     if recipe.arm == "cosub":  # the baseline's own twin is the MaskSub run of the same row
         assert twin.arm == "baseline" and BY_PATH[twin.twin].arm == "masksub"
+    elif is_linear_probe(recipe):  # both arms without a sub-branch: the twin probes another pre-training
+        assert twin.twin == recipe.path
+        assert is_linear_probe(twin) and twin.arm == recipe.arm == "baseline"
+        assert twin.pretrained_from != recipe.pretrained_from
     else:
         assert twin.twin == recipe.path and {twin.arm, recipe.arm} == {"masksub", "baseline"}
-    for field in ("model", "epochs", "global_batch", "top1"):
-        if field != "top1" or recipe.arm != "cosub":
-            assert getattr(twin, field) == getattr(recipe, field), field
+    compared = ("model", "epochs", "global_batch") + (
+        () if is_linear_probe(recipe) or recipe.arm == "cosub" else ("top1",)
+    )
+    for field in compared:
+        assert getattr(twin, field) == getattr(recipe, field), field
     if recipe.result_after:  # stage 1 of a two-stage row: the later stage holds the number
         later = BY_PATH[recipe.result_after]
         assert recipe.top1 is None and later.pretrained_from == recipe.path and later.arm == recipe.arm
@@ -380,7 +429,7 @@ def test_a_cosub_recipe_differs_from_its_baseline_only_in_the_module(parser, rec
 
     assert cosub["model"]["class_path"] == "masksub_lightning.CoSubModule"
     assert baseline["model"]["class_path"] == "masksub_lightning.MaskSubModule"
-    assert strip(cosub) == strip(baseline, "sub_branch", "sub_ratio", "sub_branch_kwargs")
+    assert strip(cosub) == strip(baseline, *_NOT_COSUB_OPTIONS)
 
 
 def test_paper_numbers_are_those_of_method_md():
@@ -464,6 +513,21 @@ def test_mae_recipes_follow_method_md(parser, key):
         assert data["auto_augment"].startswith("rand-"), "RandAugment"
         assert cfg["trainer"]["max_epochs"] == epochs and global_batch(cfg) == batch
         assert model["pretrained_weights"], "MAE fine-tuning starts from the MAE encoder"
+
+
+@pytest.mark.parametrize("path", sorted(LINPROBE))
+def test_linprobe_recipes_follow_mae_main_linprobe(parser, path):
+    assert {r.path for r in RECIPES if is_linear_probe(r)} == set(LINPROBE)
+    cfg, recipe = resolve(parser, path), BY_PATH[path]
+    model, data = init(cfg, "model"), init(cfg, "data")
+    assert_subset(model, LINPROBE_MODEL, path)
+    assert model["model_kwargs"] == {"img_size": 224, "global_pool": "token"}, "the class token"
+    assert_subset({**data, "scale": tuple(data["scale"])}, LINPROBE_DATA, path)
+    assert cfg["trainer"]["max_epochs"] == 90 and global_batch(cfg) == 16384
+    assert cfg["trainer"]["precision"] == "16-mixed"
+    assert recipe.top1 == {"masksub": None, "baseline": LINPROBE[path]}
+    method = path.split("/")[1].split("_")[0]  # mae / lut: the encoder of that pre-training recipe
+    assert recipe.pretrained_from == f"pretrain/{method}_vit_base_400ep.yaml"
 
 
 @pytest.mark.parametrize("path", [r.path for r in RECIPES if r.path.startswith("resnet_rsb/")])
@@ -626,7 +690,7 @@ def make_fake(root: Path) -> argparse.Namespace:
 
 
 def weights_format(recipe: Recipe) -> str:
-    if recipe.path.startswith("lut/"):
+    if recipe.path.startswith(("lut/", "linprobe/")):
         return "mae"  # an encoder in the released-MAE layout, as the LUT pre-training exports it
     return recipe.path.split("/")[0] if recipe.path.startswith(("mae/", "clip/", "beitv2/")) else "lightning"
 
@@ -699,7 +763,8 @@ def test_recipe_trains_two_steps_on_cpu(parser, fake, recipe, tmp_path, capsys):
     assert type(module_.sub_branch).__name__ == sub_kind
     optimizer = module_.optimizers().optimizer
     assert (
-        type(optimizer).__name__.lower() == {"lamb": "lamb", "adamw": "adamw", "sgd": "sgd"}[hp["optimizer"]]
+        type(optimizer).__name__.lower()
+        == {"lamb": "lamb", "adamw": "adamw", "sgd": "sgd", "lars": "lars"}[hp["optimizer"]]
     )
     scales = {group.get("lr_scale", 1.0) for group in optimizer.param_groups}
     assert (min(scales) < 1.0) == (hp["layer_decay"] is not None), "layer-wise lr decay"

@@ -57,6 +57,7 @@ RECIPES = find_recipes(PACKAGED_CONFIGS)
 DEFAULT = {
     "clip": "clip/vit_large14.yaml",  # grad_accumulation 4, EMA, frozen patch embedding, layer decay
     "deit3": "deit3/vit_small_400ep.yaml",  # LAMB, BCE, 3-Augment, repeated aug, per-epoch LR, 16-mixed
+    "linprobe": "linprobe/mae_vit_base_400ep.yaml",  # LARS on a BatchNorm + head, the encoder frozen in eval mode
     "lut": "lut/vit_small.yaml",  # an encoder in the released-MAE layout, layer decay, per-step LR
     "mae": "mae/vit_large.yaml",  # grad_accumulation 4, LR scaled by the global batch
     "pretrain": "pretrain/lut_vit_small_400ep.yaml",  # LUTModule, two views, bf16-mixed, grad_accumulation 4

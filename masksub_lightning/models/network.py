@@ -10,6 +10,7 @@ classifier); nothing here is involved in a training step.
   (every block at the full rate, as the DeiT-III code builds its models).
 * :func:`init_classifier`: re-initialise the head with a small normal std (MAE and FT-CLIP fine-tuning).
 * :func:`freeze`: stop training the parameters under some module names (FT-CLIP freezes the patch embedding).
+* :func:`linear_probe_head`: MAE's linear probe: a BatchNorm before the classifier, everything else frozen.
 """
 
 from __future__ import annotations
@@ -188,6 +189,29 @@ def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
     for name in frozen:
         params[name].requires_grad_(False)
     return frozen
+
+
+def linear_probe_head(model: nn.Module) -> str:
+    """Turn ``model`` into MAE's linear probe; returns the qualified name of the (new) head.
+
+    The linear classifier becomes ``Sequential(BatchNorm1d(in_features, affine=False, eps=1e-6), classifier)``
+    (facebookresearch/mae ``main_linprobe.py``: the normalisation that lets one learning rate suit any encoder's
+    feature scale), and every parameter outside it gets ``requires_grad=False``.
+    """
+    linear = {name: m for name, m in classifier_modules(model).items() if isinstance(m, nn.Linear)}
+    if len(linear) != 1:
+        raise ValueError(
+            f"linear_probe needs one linear classifier head; {type(model).__name__} has "
+            f"{classifier_names(model) or 'none found by get_classifier()'}"
+        )
+    name, classifier = next(iter(linear.items()))
+    head = nn.Sequential(nn.BatchNorm1d(classifier.in_features, affine=False, eps=1e-6), classifier)
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, head)
+    for key, param in model.named_parameters():
+        if not key.startswith(name + "."):
+            param.requires_grad_(False)
+    return name
 
 
 def count_trainable(model: nn.Module) -> int:

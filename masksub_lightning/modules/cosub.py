@@ -27,8 +27,9 @@ from masksub_lightning.method.subbranch import SubBranch
 from masksub_lightning.models import network
 from masksub_lightning.modules.masksub import MaskSubModule
 
-#: MaskSubModule options CoSub has no use for: its two submodels come from drop path, not from a sub-branch.
-_SUB_BRANCH_OPTIONS = ("sub_branch", "sub_ratio", "sub_branch_kwargs")
+#: MaskSubModule options CoSub has no use for: its two submodels come from drop path, not from a sub-branch, and
+#: both train the whole network (no linear probe).
+_NOT_COSUB_OPTIONS = ("sub_branch", "sub_ratio", "sub_branch_kwargs", "linear_probe")
 
 
 class CoSubModule(MaskSubModule):
@@ -85,7 +86,7 @@ class CoSubModule(MaskSubModule):
             )
         options = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__(**options, sub_branch="none")
-        for name in _SUB_BRANCH_OPTIONS:  # not options of this class: keep them out of its checkpoints
+        for name in _NOT_COSUB_OPTIONS:  # not options of this class: keep them out of its checkpoints
             self.hparams.pop(name, None)
         check_has_drop_path(self.model, model if isinstance(model, str) else type(model).__name__)
 

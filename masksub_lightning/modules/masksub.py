@@ -47,6 +47,10 @@ class MaskSubModule(TrainingModule):
         head_init_std: re-initialise the classifier weight with a normal draw of this std and a zero bias (2e-5
             for MAE and CLIP fine-tuning); None keeps the model's own initialisation.
         freeze: module names whose parameters are not trained (e.g. ``[patch_embed]`` for CLIP fine-tuning).
+        linear_probe: MAE's linear probing (``configs/linprobe/``): a ``BatchNorm1d(affine=False, eps=1e-6)`` goes
+            before the linear classifier and only the two train; the rest of the network is frozen (no gradient,
+            not in the optimizer) and stays in eval mode (no dropout, drop-path or BatchNorm statistics updates).
+            Needs ``sub_branch="none"``; ``head_init_std`` applies to the classifier (MAE: 0.01).
         pretrained_weights: a local weights file loaded into the model when fitting starts (see
             ``masksub_lightning.models.weights``; the head is replaced when its size differs).
         pretrained_exclude: module names of the checkpoint not loaded (kept at their fresh initialisation), e.g.
@@ -93,6 +97,7 @@ class MaskSubModule(TrainingModule):
         efficient_drop_path: bool = False,
         head_init_std: float | None = None,
         freeze: list[str] | None = None,
+        linear_probe: bool = False,
         pretrained_weights: str | None = None,
         pretrained_exclude: list[str] | None = None,
         sub_branch: str | SubBranch = "mask",
@@ -135,6 +140,13 @@ class MaskSubModule(TrainingModule):
             raise ValueError(f"sub_ratio must be in [0, 1), got {sub_ratio!r}")
         if head_init_std is not None:
             check_positive("head_init_std", head_init_std)
+        if not isinstance(linear_probe, bool):
+            raise ValueError(f"linear_probe must be true or false, got {linear_probe!r}")
+        if linear_probe and sub_branch != "none":
+            raise ValueError(
+                f"linear_probe=True trains a classifier on frozen features; sub_branch must be 'none', got "
+                f"{sub_branch!r}"
+            )
         if drop_path_profile not in network.DROP_PATH_PROFILES:
             allowed = ", ".join(network.DROP_PATH_PROFILES)
             raise ValueError(f"drop_path_profile must be one of {allowed}, got {drop_path_profile!r}")
@@ -154,6 +166,10 @@ class MaskSubModule(TrainingModule):
             network.freeze(self.model, freeze)
         if no_weight_decay:
             _check_names_match(self.model, no_weight_decay)
+        # Name of the trained head of a linear probe (a name, not the module: no second copy in the state dict).
+        self._probe_head = network.linear_probe_head(self.model) if linear_probe else None
+        if linear_probe:
+            self.train()  # the frozen network in eval mode from the start
         self.criterion = MaskSubLoss(loss, label_smoothing, bce_target_threshold)
         self.sub_branch = build_sub_branch(
             sub_branch, sub_ratio, model=self.model, **(sub_branch_kwargs or {})
@@ -181,6 +197,19 @@ class MaskSubModule(TrainingModule):
             report = load_pretrained(self.model, self.hparams.pretrained_weights, exclude=exclude)
             self.print(f"loaded pretrained weights from {self.hparams.pretrained_weights}: {report}")
             self._pretrained_loaded = True
+
+    def train(self, mode: bool = True) -> MaskSubModule:
+        super().train(mode)
+        if getattr(self, "_probe_head", None) is not None:  # Lightning calls train() every epoch
+            self.model.eval()
+            self.model.get_submodule(self._probe_head).train(mode)
+        return self
+
+    def optimizer_target(self) -> nn.Module:
+        """What the optimizer trains: the network, or a linear probe's head only."""
+        if self._probe_head is not None:
+            return self.model.get_submodule(self._probe_head)
+        return self.model
 
     # ---------------------------------------------------------------------------------------------- training
     def forward(self, images: Tensor) -> Tensor:

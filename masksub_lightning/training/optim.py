@@ -3,7 +3,9 @@
 * Optimizers by timm name (``adamw``, ``lamb``, ``sgd``, ... see ``timm.optim.list_optimizers()``), with weight decay
   excluded for norms, biases and every 1-D parameter plus the model's ``no_weight_decay()`` set (position embeddings,
   class / register tokens; BEiT's relative position tables) or a recipe's own list in its place, and optional
-  layer-wise LR decay (timm's ``layer_decay``).
+  layer-wise LR decay (timm's ``layer_decay``). LARS (``lars``, ``larc``, ``nlars``, ``nlarc``) scales the steps
+  of the weight matrices by the trust ratio, with or without weight decay, and steps biases and norm parameters as
+  plain momentum SGD (the LARS of MoCo v3 and MAE's linear probe).
 * Per-step schedules (warmup then cosine, ...) from ``timm.scheduler.create_scheduler_v2``, counted in optimizer
   steps so warmup and decay do not depend on epoch boundaries.
 """
@@ -20,6 +22,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 from torch.optim import Optimizer
+
+#: timm's LARS variants (one class, ``timm.optim.Lars``).
+LARS_NAMES = ("lars", "larc", "nlars", "nlarc")
 
 #: Schedules that decay per step; "constant" is warmup then a flat LR (layer-decay scales still applied).
 SCHEDULERS = ("cosine", "constant", "poly", "tanh", "wsd")
@@ -76,7 +81,7 @@ def build_optimizer(
                 weight_decay=weight_decay,
                 no_weight_decay_list=list(no_weight_decay),
             )
-    return timm.optim.create_optimizer_v2(
+    optimizer = timm.optim.create_optimizer_v2(
         model,
         opt=name,
         lr=lr,
@@ -86,6 +91,31 @@ def build_optimizer(
         param_group_fn=group_fn,
         **kwargs,
     )
+    if name.lower() in LARS_NAMES and "always_adapt" not in kwargs:
+        split_lars_groups(optimizer)
+    return optimizer
+
+
+def split_lars_groups(optimizer: Optimizer) -> None:
+    """Give a fresh timm ``Lars`` MAE's (MoCo v3's) rule: trust-ratio steps for every > 1-D parameter, none else.
+
+    timm's Lars applies the trust ratio only in groups whose weight_decay != 0 (or with ``always_adapt``), so
+    with the linear probe's weight decay of 0 it would be plain momentum SGD; and with weight decay 0 timm puts
+    weights and biases in one group. Each group is split in two, settings kept: its > 1-D parameters with
+    ``always_adapt=True``, the rest (biases, norms) with ``always_adapt=False``.
+    """
+    if optimizer.state:
+        raise ValueError("split_lars_groups needs an optimizer that has not stepped yet")
+    groups = []
+    for group in optimizer.param_groups:
+        matrices = [p for p in group["params"] if p.ndim > 1]
+        others = [p for p in group["params"] if p.ndim <= 1]
+        groups += [
+            {**group, "params": params, "always_adapt": adapt}
+            for params, adapt in ((matrices, True), (others, False))
+            if params
+        ]
+    optimizer.param_groups = groups
 
 
 def build_scheduler(
