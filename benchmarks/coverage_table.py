@@ -42,7 +42,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from masksub_lightning.method.subbranch import _kinds_that_can_handle, build_sub_branch
+from masksub_lightning.method.subbranch import (
+    MODEL_DEPENDENT_KINDS,
+    SUB_BRANCHES,
+    _kinds_that_can_handle,
+    build_sub_branch,
+)
 from masksub_lightning.modules.masksub import MaskSubModule
 
 START, END = "<!-- coverage-table:start -->", "<!-- coverage-table:end -->"
@@ -118,11 +123,16 @@ def build_model(family: Family) -> nn.Module:
     return timm.create_model(family.model, num_classes=NUM_CLASSES, **family.kwargs)
 
 
+def is_package_kind(name: str) -> bool:
+    """A kind this package ships (not one a user or a test module registered): the table lists only these."""
+    return name in MODEL_DEPENDENT_KINDS or SUB_BRANCHES[name].__module__.startswith("masksub_lightning.")
+
+
 def kinds_of(model: nn.Module) -> tuple[str, list[str]]:
     """(what ``mask`` resolves to, the other kinds that can handle ``model``): the deterministic columns."""
     resolved = build_sub_branch("mask", 0.5, model=model).name
-    others = [k for k in _kinds_that_can_handle(model) if k not in ("mask", "none", resolved)]
-    return resolved, others
+    able = [k for k in _kinds_that_can_handle(model) if is_package_kind(k)]
+    return resolved, [k for k in able if k not in ("mask", "none", resolved)]
 
 
 # ------------------------------------------------------------------------------------------ gradient reference

@@ -62,8 +62,8 @@ DEFAULT = {
     "mae": "mae/vit_large.yaml",  # grad_accumulation 4, LR scaled by the global batch
     "pretrain": "pretrain/lut_vit_small_400ep.yaml",  # LUTModule, two views, bf16-mixed, grad_accumulation 4
     "resnet_rsb": "resnet_rsb/resnet50.yaml",  # pixel-mask sub-branch on a CNN, soft BCE, random interpolation
-    "swin": "swin/swin_tiny.yaml",
-    "beitv2": "beitv2/vit_base.yaml",  # beit_token_mask, rel-pos tables decayed, layer decay 0.6, 16-mixed  # mask-token sub-branch, clipping at 5.0, LR scaled by batch / 512
+    "swin": "swin/swin_tiny.yaml",  # mask-token sub-branch, clipping at 5.0, LR scaled by batch / 512
+    "beitv2": "beitv2/vit_base.yaml",  # beit_token_mask, rel-pos tables decayed, layer decay 0.6, 16-mixed
     "transfer": "transfer/cifar10.yaml",  # CIFAR-10 pickles, SGD, a mid-epoch resume (5 steps per epoch)
 }
 
