@@ -131,27 +131,15 @@ class MaskSubModule(TrainingModule):
         ]
         self.save_hyperparameters(ignore=ignore)
         check_training_options(self.hparams)
-        check_positive("num_classes", num_classes, integer=True)
-        if (
-            isinstance(sub_ratio, bool)
-            or not isinstance(sub_ratio, (int, float))
-            or not 0.0 <= sub_ratio < 1.0
-        ):
-            raise ValueError(f"sub_ratio must be in [0, 1), got {sub_ratio!r}")
-        if head_init_std is not None:
-            check_positive("head_init_std", head_init_std)
-        if not isinstance(linear_probe, bool):
-            raise ValueError(f"linear_probe must be true or false, got {linear_probe!r}")
-        if linear_probe and sub_branch != "none":
-            raise ValueError(
-                f"linear_probe=True trains a classifier on frozen features; sub_branch must be 'none', got "
-                f"{sub_branch!r}"
-            )
-        if drop_path_profile not in network.DROP_PATH_PROFILES:
-            allowed = ", ".join(network.DROP_PATH_PROFILES)
-            raise ValueError(f"drop_path_profile must be one of {allowed}, got {drop_path_profile!r}")
-        if not isinstance(efficient_drop_path, bool):
-            raise ValueError(f"efficient_drop_path must be true or false, got {efficient_drop_path!r}")
+        _check_module_options(
+            num_classes=num_classes,
+            sub_branch=sub_branch,
+            sub_ratio=sub_ratio,
+            head_init_std=head_init_std,
+            linear_probe=linear_probe,
+            efficient_drop_path=efficient_drop_path,
+            drop_path_profile=drop_path_profile,
+        )
 
         self.num_classes = num_classes
         self.model = network.create_network(model, num_classes, model_kwargs or {})
@@ -176,6 +164,10 @@ class MaskSubModule(TrainingModule):
         )
         self.sub_branch.setup(self.model)
 
+        self._add_metrics(num_classes)
+        self._pretrained_loaded = pretrained_weights is None
+
+    def _add_metrics(self, num_classes: int) -> None:
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
@@ -184,7 +176,6 @@ class MaskSubModule(TrainingModule):
         # Sample-weighted means synced as sums and counts: exact under DDP with uneven shards (no padding).
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
-        self._pretrained_loaded = pretrained_weights is None
 
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -309,3 +300,34 @@ def _check_names_match(model: nn.Module, patterns: list[str]) -> None:
             f"no_weight_decay entries {unmatched} match no parameter of the model; its top-level parameters "
             f"and modules are {sorted({n.split('.')[0] for n in names})}"
         )
+
+
+def _check_module_options(
+    *,
+    num_classes: Any,
+    sub_branch: Any,
+    sub_ratio: Any,
+    head_init_std: Any,
+    linear_probe: Any,
+    efficient_drop_path: Any,
+    drop_path_profile: Any,
+) -> None:
+    """The MaskSubModule options a wrong value of would only fail later (or silently): one line each, up front.
+
+    (Arguments, not ``self.hparams``: a subclass such as CoSubModule saves only its own options.)
+    """
+    check_positive("num_classes", num_classes, integer=True)
+    if isinstance(sub_ratio, bool) or not isinstance(sub_ratio, (int, float)) or not 0.0 <= sub_ratio < 1.0:
+        raise ValueError(f"sub_ratio must be in [0, 1), got {sub_ratio!r}")
+    if head_init_std is not None:
+        check_positive("head_init_std", head_init_std)
+    for flag, value in (("linear_probe", linear_probe), ("efficient_drop_path", efficient_drop_path)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be true or false, got {value!r}")
+    if linear_probe and sub_branch != "none":
+        raise ValueError(
+            f"linear_probe=True trains a classifier on frozen features; sub_branch must be 'none', got {sub_branch!r}"
+        )
+    if drop_path_profile not in network.DROP_PATH_PROFILES:
+        allowed = ", ".join(network.DROP_PATH_PROFILES)
+        raise ValueError(f"drop_path_profile must be one of {allowed}, got {drop_path_profile!r}")
