@@ -114,3 +114,16 @@ def test_plot_does_not_import_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
+
+
+def test_a_cosub_run_gets_its_two_loss_parts_plotted(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from masksub_lightning.commands.plot import _loss_figure
+
+    csv = "epoch,step,train_loss_label_epoch,train_loss_cotrain_epoch\n0,0,0.5,0.25\n1,1,0.4,0.2\n"
+    run = read_run(write_run(tmp_path / "cosub" / "version_0", csv) / "metrics.csv", "cosub")
+    fig = _loss_figure(Figure, [run])
+    lines = {line.get_label(): line.get_xydata().tolist() for line in fig.axes[0].get_lines()}
+    assert lines == {"cosub: label": [[1, 0.5], [2, 0.4]], "cosub: co-training": [[1, 0.25], [2, 0.2]]}

@@ -7,7 +7,8 @@ above several of them (every ``metrics.csv`` below it is a run). Figures written
 current directory), each only when some run logged its columns:
 
 =========================== =========================================================================================
-``losses.png``              ``train_loss_main`` and ``train_loss_sub`` per epoch (per step when no epoch means)
+``losses.png``              ``train_loss_main`` and ``train_loss_sub`` (CoSub: ``train_loss_label`` and
+                           ``train_loss_cotrain``) per epoch (per step when no epoch means)
 ``val_acc1.png``            validation top-1 per epoch
 ``branch_gradients.png``    ``branch_grad_norm_main`` / ``_sub`` and their cosine per step
                             (:class:`~masksub_lightning.callbacks.BranchGradients`)
@@ -185,8 +186,13 @@ def _one_axes_figure(figure_class: Any, runs, source, columns, size=(7, 4.2), **
 
 def _loss_figure(figure_class: Any, runs: list[Any]) -> Any:
     """Training losses per branch: per epoch when the module logged epoch means."""
-    source = "epochs" if any("train_loss_main" in r.epochs for r in runs) else "steps"
-    columns = (("train_loss_main", "-o", "main"), ("train_loss_sub", "--o", "sub"))
+    columns = (
+        ("train_loss_main", "-o", "main"),
+        ("train_loss_sub", "--o", "sub"),
+        ("train_loss_label", "-s", "label"),  # CoSubModule: both submodels against the labels
+        ("train_loss_cotrain", "--s", "co-training"),  # ... and against each other
+    )
+    source = "epochs" if any(c in r.epochs for r in runs for c, _, _ in columns) else "steps"
     return _one_axes_figure(
         figure_class, runs, source, columns, xlabel=source[:-1], ylabel="training loss", yscale="log",
         title="training loss per branch",
