@@ -242,6 +242,13 @@ if [ "${GPU_SESSION_NO_PYTEST:-0}" != 1 ] && "$PY" -c "import pytest" >/dev/null
     run recipe_smoke 200 60 "$PY" -m pytest -m gpu tests/test_gpu.py -k recipe_smoke -q -p no:cacheprovider
 fi
 
+# ---- 1c. the GPU tests of the compute-skipping drop path (CUDA bf16 outputs, RNG stream) and of decode: gpu
+# (nvJPEG pixels against the CPU path) (~30 s). A separate step: a failure here leaves step 1's result standing.
+if [ "${GPU_SESSION_NO_PYTEST:-0}" != 1 ] && "$PY" -c "import pytest" >/dev/null 2>&1; then
+    run gpu_tests_new 90 20 "$PY" -m pytest -m gpu tests/test_efficient_drop_path.py tests/data/test_gpu_decode.py \
+        -q -p no:cacheprovider
+fi
+
 # A model whose throughput run timed out (compilation too slow) runs eager in steps 3 and 4.
 VIT_COMPILE=("${COMPILE_FLAG[@]}")
 RN_COMPILE=("${COMPILE_FLAG[@]}")
