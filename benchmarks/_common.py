@@ -310,6 +310,54 @@ def time_lightning(
     return clock.step_time()
 
 
+class InterleavedClock(StepClock):
+    """A step clock that sets each step's variant before it starts, in blocks A B C, C B A, A B C, ...
+
+    Every variant runs once per block, seconds from the others, which cancels the load swings of a shared machine.
+    ``switch(pl_module, variant)`` applies a variant to the module; :attr:`variants` records each step's.
+    """
+
+    def __init__(
+        self, device: torch.device, order: Sequence[str], switch: Callable[[Any, str], None]
+    ) -> None:
+        super().__init__(device, warmup=0, sync_every_step=True)
+        self.order, self.switch = tuple(order), switch
+        self.variants: list[str] = []
+
+    def variant_of(self, step: int) -> str:
+        block, position = divmod(step, len(self.order))
+        return (self.order if block % 2 == 0 else self.order[::-1])[position]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # the previous step ends first
+        variant = self.variant_of(len(self.variants))
+        self.switch(pl_module, variant)
+        self.variants.append(variant)
+
+
+def interleaved_step_times(
+    module: Any,
+    batch: tuple[Tensor, Tensor],
+    device: torch.device,
+    args: Any,
+    make_clock: Callable[[], InterleavedClock],
+) -> dict[str, list[float]]:
+    """Per-step times of each variant over ``args.rounds`` fits of ``module`` (``args.warmup`` blocks discarded,
+    ``args.steps`` measured per fit): ``{variant: [s, ...], variant + "_compute": [forward + backward s, ...]}``."""
+    times: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        clock = make_clock()
+        n = len(clock.order)
+        total = n * (args.warmup + args.steps) + 1  # +1: the last measured step ends at the next batch start
+        run_lightning(module, batch, device, args.precision, total, clock)
+        compute = clock.compute_times()
+        for i in range(n * args.warmup, total - 1):
+            variant = clock.variants[i]
+            times.setdefault(variant, []).append(clock.stamps[i + 1] - clock.stamps[i])
+            times.setdefault(variant + "_compute", []).append(compute[i])
+    return times
+
+
 def interleave(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
     """Run every variant once per round, alternating the order (A B, B A, ...) so drift hits all alike."""
     names = list(variants)

@@ -91,20 +91,10 @@ def block_flop_share(module: MaskSubModule, batch) -> float:
     return blocks / counts["Global"]
 
 
-class SwitchingClock(C.StepClock):
-    """A step clock that switches the blocks to the step's variant before it starts: A B, B A, A B, ..."""
-
-    def __init__(self, device) -> None:
-        super().__init__(device, warmup=0, sync_every_step=True)
-        self.variants: list[str] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # the previous step ends first
-        block, position = divmod(len(self.variants), 2)
-        variant = VARIANTS[position ^ (block % 2)]
-        switch = enable_efficient_drop_path if variant == "efficient" else disable_efficient_drop_path
-        switch(pl_module.model)
-        self.variants.append(variant)
+def switch_blocks(pl_module, variant: str) -> None:
+    """Give the blocks the step's variant: timm's class, or the compute-skipping one."""
+    switch = enable_efficient_drop_path if variant == "efficient" else disable_efficient_drop_path
+    switch(pl_module.model)
 
 
 def build(spec: C.ModelSpec, rate: float, sub_branch: str) -> MaskSubModule:
@@ -120,17 +110,9 @@ def build(spec: C.ModelSpec, rate: float, sub_branch: str) -> MaskSubModule:
 
 
 def time_pairs(module, args, device, batch) -> dict[str, list[float]]:
-    times = {key: [] for v in VARIANTS for key in (v, v + "_compute")}
-    for _ in range(args.rounds):
-        clock = SwitchingClock(device)
-        total = 2 * (args.warmup + args.steps) + 1  # +1: the last measured step ends at the next batch start
-        C.run_lightning(module, batch, device, args.precision, total, clock)
-        steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
-        compute = clock.compute_times()
-        for i in range(2 * args.warmup, 2 * (args.warmup + args.steps)):
-            times[clock.variants[i]].append(steps[i])
-            times[clock.variants[i] + "_compute"].append(compute[i])
-    return times
+    return C.interleaved_step_times(
+        module, batch, device, args, lambda: C.InterleavedClock(device, VARIANTS, switch_blocks)
+    )
 
 
 def measure(spec: C.ModelSpec, args, device) -> list[dict]:

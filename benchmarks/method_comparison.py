@@ -117,33 +117,16 @@ class AlternatingMethods(CoSubModule):
         return MaskSubModule.training_losses(self, batch)
 
 
-class MethodClock(C.StepClock):
-    """Step clock that gives each batch its method, in blocks A B C, C B A, ... (one step of each per block)."""
-
-    def __init__(self, device) -> None:
-        super().__init__(device, warmup=0, sync_every_step=True)
-        self.methods: list[str] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # the previous step ends first
-        block, position = divmod(len(self.methods), len(METHODS))
-        pl_module.method = (METHODS if block % 2 == 0 else METHODS[::-1])[position]
-        self.methods.append(pl_module.method)
+def set_method(pl_module, method: str) -> None:
+    pl_module.method = method
 
 
 def time_interleaved(spec, kwargs, args, device, batch) -> dict[str, list[float]]:
     """Per-step times of each method, one per block (the three steps of a block run seconds apart)."""
     module = build("cosub", spec.name, kwargs, spec.num_classes, 0, optimizer="adamw", cls=AlternatingMethods)
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    for _ in range(args.rounds):
-        clock = MethodClock(device)
-        total = (
-            len(METHODS) * (args.warmup + args.steps) + 1
-        )  # +1: the last step ends at the next batch start
-        C.run_lightning(module, batch, device, args.precision, total, clock)
-        for i in range(len(METHODS) * args.warmup, total - 1):
-            times[clock.methods[i]].append(clock.stamps[i + 1] - clock.stamps[i])
-    return times
+    return C.interleaved_step_times(
+        module, batch, device, args, lambda: C.InterleavedClock(device, METHODS, set_method)
+    )
 
 
 def measure_cost(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

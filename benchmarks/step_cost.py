@@ -64,46 +64,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------ step-level interleaving
-class AlternatingClock(C.StepClock):
-    """A step clock that, before each step, gives the module that step's variant: blocks A B, B A, A B, ..."""
-
-    def __init__(self, device, branches: dict[str, object]) -> None:
-        super().__init__(device, warmup=0, sync_every_step=True)
-        self.branches = branches
-        self.variants: list[str] = []
-
-    @staticmethod
-    def variant_of(step: int) -> str:
-        block, position = divmod(step, 2)
-        return VARIANTS[position ^ (block % 2)]
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # the previous step ends first
-        variant = self.variant_of(len(self.variants))
-        pl_module.sub_branch = self.branches[variant]  # training_step reads self.sub_branch.active
-        self.variants.append(variant)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        pl_module.sub_branch = self.branches["masksub"]
-
-
 def time_step_interleaved(spec, args, device, batch) -> dict[str, list[float]]:
     """Paired per-step times: one entry per block (a baseline step next to a MaskSub step), all rounds."""
     module = C.build_module(
         spec, "mask", compile=args.compile, channels_last=args.channels_last, sub_ratio=args.sub_ratio
     )
     branches = {"masksub": module.sub_branch, "baseline": build_sub_branch("none")}
-    times = {key: [] for key in ("baseline", "masksub", "baseline_compute", "masksub_compute")}
-    for _ in range(args.rounds):
-        clock = AlternatingClock(device, branches)
-        total = 2 * (args.warmup + args.steps) + 1  # +1: the last measured step ends at the next batch start
-        C.run_lightning(module, batch, device, args.precision, total, clock)
-        steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
-        compute = clock.compute_times()
-        for i in range(2 * args.warmup, 2 * (args.warmup + args.steps)):
-            times[clock.variants[i]].append(steps[i])
-            times[clock.variants[i] + "_compute"].append(compute[i])
-    return times
+
+    def switch(pl_module, variant: str) -> None:
+        pl_module.sub_branch = branches[variant]  # training_step reads self.sub_branch.active
+
+    try:
+        return C.interleaved_step_times(
+            module, batch, device, args, lambda: C.InterleavedClock(device, VARIANTS, switch)
+        )
+    finally:
+        module.sub_branch = branches["masksub"]
 
 
 # ------------------------------------------------------------------------------------- fit-level interleaving
