@@ -398,3 +398,14 @@ def test_custom_kind_trains_through_the_module():
         )
     finally:
         SUB_BRANCHES.pop("test_noise")
+
+
+def test_no_weight_decay_list_replaces_the_models_own_without_layer_decay():
+    from masksub_lightning.training.optim import build_optimizer
+
+    model = vit_module().model
+    optimizer = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.05, no_weight_decay=["cls_token"])
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay_of[id(model.cls_token)] == 0.0
+    assert decay_of[id(model.pos_embed)] == 0.05  # in timm's own list, not in the given one
+    assert decay_of[id(model.blocks[0].attn.qkv.bias)] == 0.0  # 1-D: never decayed

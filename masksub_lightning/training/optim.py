@@ -68,19 +68,12 @@ def build_optimizer(
     check_optimizer_name(name)
     group_fn = None
     if no_weight_decay is not None:  # timm's own grouping, with this list instead of model.no_weight_decay()
-        if layer_decay is not None:
-            group_fn = partial(
-                param_groups_layer_decay,
-                weight_decay=weight_decay,
-                layer_decay=layer_decay,
-                no_weight_decay_list=list(no_weight_decay),
-            )
-        else:
-            group_fn = partial(
-                param_groups_weight_decay,
-                weight_decay=weight_decay,
-                no_weight_decay_list=list(no_weight_decay),
-            )
+        grouping = (
+            param_groups_weight_decay
+            if layer_decay is None
+            else partial(param_groups_layer_decay, layer_decay=layer_decay)
+        )
+        group_fn = partial(grouping, weight_decay=weight_decay, no_weight_decay_list=list(no_weight_decay))
     optimizer = timm.optim.create_optimizer_v2(
         model,
         opt=name,
