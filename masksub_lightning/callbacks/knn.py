@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Any
 
 import lightning as L
 import torch
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from masksub_lightning.data.base import ImageClassificationDataModule
+from masksub_lightning.modules.base import check_positive
 
 __all__ = ["KNNMonitor", "interleave_ranks", "knn_predict"]
 
@@ -73,14 +73,6 @@ def knn_predict(
 def interleave_ranks(gathered: Tensor) -> Tensor:
     """(world, per_rank, ...) from an all-gather of rank r's items r, r + world, ... -> the items in order."""
     return gathered.transpose(0, 1).reshape(-1, *gathered.shape[2:])
-
-
-def _check_positive(name: str, value: Any, integer: bool = True) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise ValueError(
-            f"KNNMonitor: {name} must be a positive {'int' if integer else 'number'}, got {value!r}"
-        )
 
 
 @contextlib.contextmanager
@@ -140,8 +132,8 @@ class KNNMonitor(L.Callback):
             ("batch_size", batch_size),
             ("chunk_size", chunk_size),
         ):
-            _check_positive(name, value)
-        _check_positive("temperature", temperature, integer=False)
+            check_positive(f"KNNMonitor: {name}", value, integer=True)
+        check_positive("KNNMonitor: temperature", temperature)
         if pool not in _POOLS:
             raise ValueError(f"KNNMonitor: pool must be one of {', '.join(_POOLS)}, got {pool!r}")
         if not callable(getattr(data, "build_dataset", None)) or not callable(
